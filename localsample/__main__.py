@@ -1,0 +1,3 @@
+from localsample.cli import main
+
+main()

@@ -1,0 +1,280 @@
+"""The model catalog: ``models.toml`` files turned into typed entries.
+
+The packaged catalog (``localsample/models.toml``) is read first; the user's catalog
+(``Settings.catalog_path``) extends it, and an entry with the same ``id`` replaces the
+packaged one whole. Every problem is reported with the file, the model id, the field and
+a fix, all problems of a file at once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from localsample.errors import CatalogError, ModelFileError, UnknownModelError
+
+Capability = Literal["chat", "vision", "tools", "audio"]
+
+# llama.cpp's enum values, so a catalog may say "row" or "q8_0" instead of magic numbers.
+SPLIT_MODES = {"none": 0, "layer": 1, "row": 2}
+KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
+ID_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoadSettings(_Strict):
+    """Arguments for ``llama_cpp.Llama``, named exactly as llama.cpp names them."""
+
+    n_ctx: int = Field(4096, ge=16, le=1 << 20)
+    n_gpu_layers: int = Field(0, ge=-1)
+    main_gpu: int = Field(0, ge=0)
+    split_mode: int | None = Field(None, ge=0, le=2)
+    tensor_split: list[float] | None = None
+    n_threads: int | None = Field(None, ge=1)
+    n_threads_batch: int | None = Field(None, ge=1)
+    n_batch: int = Field(512, ge=1)
+    n_ubatch: int = Field(512, ge=1)
+    flash_attn: bool = False
+    use_mmap: bool = True
+    use_mlock: bool = False
+    type_k: int | None = Field(None, ge=0)
+    type_v: int | None = Field(None, ge=0)
+    offload_kqv: bool = True
+
+    @field_validator("split_mode", mode="before")
+    @classmethod
+    def _split_mode_name(cls, value: object) -> object:
+        if isinstance(value, str):
+            if value not in SPLIT_MODES:
+                raise ValueError(f"must be one of {sorted(SPLIT_MODES)} or 0..2")
+            return SPLIT_MODES[value]
+        return value
+
+    @field_validator("type_k", "type_v", mode="before")
+    @classmethod
+    def _kv_type_name(cls, value: object) -> object:
+        if isinstance(value, str):
+            if value.lower() not in KV_TYPES:
+                raise ValueError(f"must be one of {sorted(KV_TYPES)} or a ggml type number")
+            return KV_TYPES[value.lower()]
+        return value
+
+    def llama_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``Llama(...)``; ``n_threads`` defaults to all cores."""
+        kwargs = self.model_dump(exclude_none=True)
+        cores = os.cpu_count() or 1
+        kwargs.setdefault("n_threads", cores)
+        kwargs.setdefault("n_threads_batch", cores)
+        return kwargs
+
+
+class SamplingDefaults(_Strict):
+    """Default sampling parameters for a model; a request's own values win."""
+
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repeat_penalty: float | None = Field(None, gt=0.0)
+    seed: int | None = None
+
+
+class ModelEntry(_Strict):
+    """One ``[[models]]`` table of a catalog."""
+
+    id: str = Field(pattern=ID_PATTERN, max_length=128)
+    source: str = Field(min_length=1)
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    family: str | None = None
+    aliases: list[str] = Field(default_factory=list)
+    capabilities: list[Capability] = Field(default_factory=lambda: list[Capability](["chat"]))
+    cost: float = Field(0.5, ge=0.0, le=1.0)
+    speed: float = Field(0.5, ge=0.0, le=1.0)
+    intelligence: float = Field(0.5, ge=0.0, le=1.0)
+    chat_template: str | None = Field(None, min_length=1)
+    description: str | None = None
+    load: LoadSettings = Field(default_factory=lambda: LoadSettings())
+    defaults: SamplingDefaults = Field(default_factory=lambda: SamplingDefaults())
+
+    @field_validator("aliases")
+    @classmethod
+    def _aliases_are_names(cls, value: list[str]) -> list[str]:
+        for alias in value:
+            if not alias.strip() or "/" in alias or "\\" in alias:
+                raise ValueError(f"alias {alias!r} must be a plain name (no slashes, not empty)")
+        return value
+
+    def names(self) -> list[str]:
+        """Every name a server may use for this model: id, aliases, family."""
+        return [self.id, *self.aliases, *([self.family] if self.family else [])]
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """A validated entry and the catalog file it came from."""
+
+    model: ModelEntry
+    origin: str
+
+
+class Catalog:
+    """The merged catalog: packaged entries, then the user's, in file order."""
+
+    def __init__(self, entries: list[CatalogEntry]) -> None:
+        self.entries = entries
+        self._by_name: dict[str, ModelEntry] = {}
+        for entry in entries:
+            for name in [entry.model.id, *entry.model.aliases]:
+                self._by_name[name.lower()] = entry.model
+
+    def __iter__(self) -> Iterator[ModelEntry]:
+        return (entry.model for entry in self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def ids(self) -> list[str]:
+        return [entry.model.id for entry in self.entries]
+
+    def get(self, name: str) -> ModelEntry:
+        """The entry whose id or alias is ``name`` (case-insensitive)."""
+        found = self._by_name.get(name.lower())
+        if found is None:
+            raise UnknownModelError(
+                f"no model '{name}' in the catalog (known: {', '.join(self.ids()) or 'none'})",
+                "use one of the known ids or aliases, or add a [[models]] entry to your "
+                "catalog (see `localsample config` for its path)",
+            )
+        return found
+
+    def origin(self, model_id: str) -> str:
+        return next(e.origin for e in self.entries if e.model.id == model_id)
+
+
+def packaged_catalog_text() -> str:
+    return resources.files("localsample").joinpath("models.toml").read_text(encoding="utf-8")
+
+
+def parse_catalog(text: str, origin: str) -> list[ModelEntry]:
+    """Parse one catalog file; every problem in it is reported in one CatalogError."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise CatalogError(f"{origin}: not valid TOML: {exc}", "correct the syntax at that line") from exc
+    unknown = set(data) - {"models"}
+    if unknown:
+        raise CatalogError(
+            f"{origin}: unknown top-level key(s) {sorted(unknown)}",
+            "a catalog holds only [[models]] tables; remove or rename those keys",
+        )
+    raw_models = data.get("models", [])
+    if not isinstance(raw_models, list):
+        raise CatalogError(f"{origin}: 'models' must be an array of tables", "write each model as [[models]]")
+    models: list[ModelEntry] = []
+    problems: list[str] = []
+    for index, raw in enumerate(raw_models):
+        label = f"model '{raw.get('id')}'" if isinstance(raw, dict) and raw.get("id") else f"model #{index + 1}"
+        try:
+            models.append(ModelEntry.model_validate(raw))
+        except ValidationError as exc:
+            problems.extend(f"{origin}: {label}: {_describe(err)}" for err in exc.errors())
+    seen: dict[str, str] = {}
+    for model in models:
+        if model.id in seen:
+            problems.append(f"{origin}: model '{model.id}': duplicate id; fix: give each [[models]] a unique id")
+        seen[model.id] = model.id
+    if problems:
+        raise CatalogError("invalid catalog:\n  " + "\n  ".join(problems), "correct the fields named above")
+    return models
+
+
+def _describe(err: Any) -> str:
+    field = ".".join(str(part) for part in err["loc"]) or "(entry)"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        fix = "remove it or correct the spelling (fields are named as in llama.cpp)"
+        return f"field '{field}': unknown field; fix: {fix}"
+    if kind == "missing":
+        return f"field '{field}': required; fix: add {field} = ..."
+    given = err.get("input")
+    shown = "" if isinstance(given, dict | list) else f" (got {given!r})"
+    return f"field '{field}': {err['msg']}{shown}; fix: change the value of {field}"
+
+
+def merge(layers: list[tuple[list[ModelEntry], str]]) -> Catalog:
+    """Later layers replace earlier entries with the same id, and take over aliases that
+    earlier entries claimed. Within one file, an alias claimed twice is an error."""
+    by_id: dict[str, CatalogEntry] = {}
+    problems: list[str] = []
+    for models, origin in layers:
+        owners: dict[str, ModelEntry] = {}
+        for model in models:
+            for name in [model.id, *model.aliases]:
+                other = owners.setdefault(name.lower(), model)
+                if other.id != model.id:
+                    problems.append(
+                        f"{origin}: model '{model.id}': field 'aliases': '{name}' is already claimed by "
+                        f"model '{other.id}' in the same file; fix: remove it from one of them"
+                    )
+        for old_id, old in list(by_id.items()):
+            kept = [a for a in old.model.aliases if a.lower() not in owners]
+            if kept != old.model.aliases:
+                by_id[old_id] = CatalogEntry(old.model.model_copy(update={"aliases": kept}), old.origin)
+        for model in models:
+            by_id[model.id] = CatalogEntry(model, origin)
+    if problems:
+        raise CatalogError("invalid catalog:\n  " + "\n  ".join(problems), "correct the fields named above")
+    return Catalog(list(by_id.values()))
+
+
+def load_catalog(user_catalog: Path | None) -> Catalog:
+    """The packaged catalog merged with the user's (if the file exists)."""
+    layers = [(parse_catalog(packaged_catalog_text(), "packaged models.toml"), "packaged models.toml")]
+    if user_catalog is not None and user_catalog.is_file():
+        origin = str(user_catalog)
+        layers.append((parse_catalog(user_catalog.read_text(encoding="utf-8"), origin), origin))
+    return merge(layers)
+
+
+HF_SOURCE = re.compile(r"^hf://(?P<repo>[^/]+/[^/]+)/(?P<file>.+\.gguf)$")
+
+
+def resolve_model_path(model: ModelEntry, model_dir: Path) -> Path:
+    """The GGUF file for ``model`` on this disk, without touching the network."""
+    match = HF_SOURCE.match(model.source)
+    if match:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(match["repo"], match["file"])
+        if isinstance(cached, str):
+            return Path(cached)
+        raise ModelFileError(
+            f"model '{model.id}' is not downloaded ({model.source} is not in the Hugging Face cache)",
+            f"download it with `hf download {match['repo']} {match['file']}`",
+        )
+    if model.source.startswith("hf://"):
+        raise ModelFileError(
+            f"model '{model.id}': source {model.source!r} is not of the form hf://ORG/REPO/FILE.gguf",
+            "correct the source in the catalog",
+        )
+    path = Path(model.source).expanduser()
+    if not path.is_absolute():
+        path = model_dir / path
+    if not path.is_file():
+        raise ModelFileError(
+            f"model '{model.id}': file {path} does not exist",
+            "run `python scripts/fetch_model.py` for the default model, or correct `source` "
+            "(relative paths resolve against model_dir, see `localsample config`)",
+        )
+    return path

@@ -1,0 +1,378 @@
+"""One loaded GGUF model: chat prompt, streaming generation, stop sequences, cancellation.
+
+Generation runs in a worker thread (llama.cpp releases the GIL while it computes); text
+crosses into asyncio through ``loop.call_soon_threadsafe``. A ``Llama`` object is not
+thread-safe, so one generation runs at a time per engine (``_run_lock``). The cancel flag
+is checked after every token, so a cancelled request stops within one token and the
+model is immediately usable by the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import ctypes
+import logging
+import random
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import anyio
+
+from localsample.catalog import ModelEntry
+from localsample.errors import ContextOverflowError, EngineError, ModelFileError, RequestError
+
+if TYPE_CHECKING:
+    from llama_cpp import Llama
+
+log = logging.getLogger(__name__)
+
+Role = Literal["system", "user", "assistant"]
+StopReason = Literal["endTurn", "stopSequence", "maxTokens"]
+OnText = Callable[[str, int], Awaitable[None]]
+"""Called on the event loop with each new piece of text and the completion tokens so far."""
+
+MIN_PROMPT_EVAL = 2
+"""Prompt tokens always evaluated afresh, even when the whole prompt is cached."""
+
+# llama-cpp-python's own defaults for create_completion, used when neither the request
+# nor the catalog entry sets a value.
+LLAMA_DEFAULTS: dict[str, float | int] = {
+    "temperature": 0.8,
+    "top_p": 0.95,
+    "top_k": 40,
+    "min_p": 0.05,
+    "repeat_penalty": 1.0,
+}
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What to generate. ``None`` sampling values fall back to the catalog's defaults."""
+
+    messages: Sequence[ChatMessage]
+    max_tokens: int
+    system: str | None = None
+    stop: Sequence[str] = ()
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_tokens <= 0:
+            raise RequestError(f"maxTokens must be positive (got {self.max_tokens})", "send maxTokens >= 1")
+        if not self.messages:
+            raise RequestError("the request has no messages", "send at least one user message")
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished generation with its counts and timings (seconds)."""
+
+    text: str
+    model: str
+    stop_reason: StopReason
+    stop_sequence: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token: float
+    duration: float
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens after the first, over the time after the first (prompt eval excluded)."""
+        decode_time = self.duration - self.time_to_first_token
+        if self.completion_tokens < 2 or decode_time <= 0:
+            return 0.0
+        return (self.completion_tokens - 1) / decode_time
+
+
+class StopMatcher:
+    """Finds stop sequences in streamed text, holding back a possible partial match."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self._held = ""
+
+    def feed(self, piece: str) -> tuple[str, str | None]:
+        """Text safe to emit now, and the stop sequence found (the text before it is returned)."""
+        if not self.stops:
+            return piece, None
+        text = self._held + piece
+        found: tuple[int, str] | None = None
+        for stop in self.stops:
+            index = text.find(stop)
+            if index >= 0 and (found is None or index < found[0]):
+                found = (index, stop)
+        if found is not None:
+            self._held = ""
+            return text[: found[0]], found[1]
+        hold = 0
+        for stop in self.stops:
+            for size in range(min(len(stop) - 1, len(text)), hold, -1):
+                if text.endswith(stop[:size]):
+                    hold = size
+                    break
+        self._held = text[len(text) - hold :]
+        return text[: len(text) - hold], None
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return held
+
+
+@dataclass
+class _Run:
+    """State shared between the event loop and one generation's worker thread."""
+
+    request: GenerationRequest
+    emit: Callable[[str, int], None]
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+class Engine:
+    """A catalog entry's GGUF, loaded lazily on first use."""
+
+    def __init__(self, model: ModelEntry, path: Path) -> None:
+        self.model = model
+        self.path = path
+        self._llama: Llama | None = None
+        self._template: Any = None
+        self._pieces: dict[int, bytes] = {}
+        self._load_lock = threading.Lock()
+        self._run_lock = threading.Lock()
+        self.tokens_generated = 0
+        """Completion tokens produced over this engine's life (read by stats and tests)."""
+
+    # -- loading ---------------------------------------------------------------------
+
+    @property
+    def loaded(self) -> bool:
+        return self._llama is not None
+
+    def load(self) -> Llama:
+        """Load the model (blocking; call from a worker thread). Idempotent."""
+        with self._load_lock:
+            if self._llama is None:
+                self._llama = self._open()
+            return self._llama
+
+    def _open(self) -> Llama:
+        check_gguf_file(self.path, self.model.id)
+        from llama_cpp import Llama, llama_chat_format
+
+        started = time.perf_counter()
+        try:
+            llama = Llama(model_path=str(self.path), verbose=False, **self.model.load.llama_kwargs())
+        except (ValueError, RuntimeError) as exc:
+            raise ModelFileError(
+                f"llama.cpp could not load {self.path} for model '{self.model.id}': {exc}",
+                "the file may be corrupt or of an architecture this llama-cpp-python does not "
+                "know: download it again or upgrade llama-cpp-python",
+            ) from exc
+        template = self.model.chat_template or llama.metadata.get("tokenizer.chat_template")
+        if not template:
+            llama.close()
+            raise ModelFileError(
+                f"model '{self.model.id}' ({self.path}) has no chat template",
+                "set chat_template in its catalog entry (a Jinja template, as in the model card)",
+            )
+        vocab = llama._model
+        eos, bos = llama.token_eos(), llama.token_bos()
+        self._template = llama_chat_format.Jinja2ChatFormatter(
+            template=template,
+            eos_token=vocab.token_get_text(eos) if eos != -1 else "",
+            bos_token=vocab.token_get_text(bos) if bos != -1 else "",
+        )
+        log.info("loaded %s from %s in %.2fs", self.model.id, self.path, time.perf_counter() - started)
+        return llama
+
+    def close(self) -> None:
+        with self._load_lock, self._run_lock:
+            if self._llama is not None:
+                self._llama.close()
+                self._llama = None
+                self._pieces.clear()
+
+    # -- generation ------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest, on_text: OnText | None = None) -> Completion:
+        """Generate a completion, calling ``on_text`` with each piece as it is produced.
+
+        Cancelling the calling task stops the worker within one token; this coroutine
+        returns only once the worker has let go of the model.
+        """
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, int] | None] = asyncio.Queue()
+
+        def emit(text: str, tokens: int) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, (text, tokens))
+
+        run = _Run(request, emit)
+        worker = loop.run_in_executor(None, self._generate_blocking, run)
+        worker.add_done_callback(lambda _: queue.put_nowait(None))
+        try:
+            while (item := await queue.get()) is not None:
+                if on_text is not None:
+                    await on_text(*item)
+            return worker.result()
+        finally:
+            run.cancel.set()
+            if not worker.done():
+                with anyio.CancelScope(shield=True):
+                    await asyncio.wait([worker])
+            if not worker.cancelled():
+                worker.exception()  # mark retrieved: a cancelled run's error is nobody's news
+
+    def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        """Tokens the rendered prompt takes (blocking; loads the model)."""
+        return len(self._prompt_tokens(self.load(), request))
+
+    def _prompt_tokens(self, llama: Llama, request: GenerationRequest) -> list[int]:
+        messages: list[dict[str, str]] = []
+        if request.system:
+            messages.append({"role": "system", "content": request.system})
+        messages.extend({"role": m.role, "content": m.content} for m in request.messages)
+        try:
+            prompt = self._template(messages=messages).prompt
+        except Exception as exc:  # jinja2 raises many types, and templates call raise_exception
+            raise RequestError(
+                f"the chat template of '{self.model.id}' rejected the conversation: {exc}",
+                "check the order of roles (most templates want user/assistant turns alternating, "
+                "starting with user)",
+            ) from exc
+        return llama.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+
+    def _sampling(self, request: GenerationRequest) -> dict[str, Any]:
+        defaults = self.model.defaults
+        chosen: dict[str, Any] = {}
+        for name, fallback in LLAMA_DEFAULTS.items():
+            value = getattr(request, name)
+            if value is None:
+                value = getattr(defaults, name)
+            chosen[name] = fallback if value is None else value
+        chosen["temp"] = chosen.pop("temperature")
+        return chosen
+
+    def _piece(self, llama: Llama, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            buffer = ctypes.create_string_buffer(64)
+            from llama_cpp import llama_token_to_piece
+
+            size = llama_token_to_piece(llama._model.vocab, token, buffer, len(buffer), 0, False)
+            if size < 0:  # buffer too small: llama.cpp returns the size it needs, negated
+                buffer = ctypes.create_string_buffer(-size)
+                size = llama_token_to_piece(llama._model.vocab, token, buffer, len(buffer), 0, False)
+            piece = buffer.raw[:size]
+            self._pieces[token] = piece
+        return piece
+
+    def _generate_blocking(self, run: _Run) -> Completion:
+        request = run.request
+        with self._run_lock:
+            if run.cancel.is_set():
+                raise EngineError("generation cancelled before it started")
+            llama = self.load()
+            started = time.perf_counter()
+            prompt = self._prompt_tokens(llama, request)
+            n_ctx = llama.n_ctx()
+            if len(prompt) + request.max_tokens > n_ctx:
+                raise ContextOverflowError(
+                    prompt_tokens=len(prompt), max_tokens=request.max_tokens, n_ctx=n_ctx, model_id=self.model.id
+                )
+            seed = request.seed if request.seed is not None else self.model.defaults.seed
+            llama.set_seed(seed if seed is not None else random.getrandbits(31))
+            from llama_cpp import llama_vocab_is_eog
+
+            vocab = llama._model.vocab
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            matcher = StopMatcher(request.stop)
+            parts: list[str] = []
+            stop_reason: StopReason = "maxTokens"
+            stop_sequence: str | None = None
+            first_token_at: float | None = None
+            count = 0
+            # llama.cpp computes a one-token batch with other kernels than a longer one, and
+            # the KV values differ in the last bits: re-evaluating only the prompt's last
+            # token (what generate() does for a fully cached prompt) can flip a greedy
+            # choice. Re-evaluating at least two keeps a repeated prompt's output the same.
+            llama.n_tokens = min(llama.n_tokens, max(len(prompt) - MIN_PROMPT_EVAL, 0))
+            tokens = llama.generate(prompt, **self._sampling(request))
+            try:
+                for token in tokens:
+                    if first_token_at is None:
+                        first_token_at = time.perf_counter()
+                    if llama_vocab_is_eog(vocab, token):
+                        stop_reason = "endTurn"
+                        break
+                    count += 1
+                    self.tokens_generated += 1
+                    text, stop_sequence = matcher.feed(decoder.decode(self._piece(llama, token)))
+                    if text:
+                        parts.append(text)
+                        run.emit(text, count)
+                    if stop_sequence is not None:
+                        stop_reason = "stopSequence"
+                        break
+                    if count >= request.max_tokens or run.cancel.is_set():
+                        break
+            except Exception as exc:
+                raise EngineError(
+                    f"llama.cpp failed while generating with '{self.model.id}': {exc}",
+                    "retry the request; if it keeps failing, lower n_ctx or n_batch in the catalog",
+                ) from exc
+            finally:
+                tokens.close()
+            if stop_sequence is None:
+                tail = matcher.flush() + decoder.decode(b"", final=True)
+                if tail:
+                    parts.append(tail)
+                    run.emit(tail, count)
+            finished = time.perf_counter()
+            return Completion(
+                text="".join(parts),
+                model=self.model.id,
+                stop_reason=stop_reason,
+                stop_sequence=stop_sequence,
+                prompt_tokens=len(prompt),
+                completion_tokens=count,
+                time_to_first_token=(first_token_at or finished) - started,
+                duration=finished - started,
+            )
+
+
+GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf_file(path: Path, model_id: str) -> None:
+    """Raise ModelFileError unless ``path`` is a readable file that starts like a GGUF."""
+    try:
+        with path.open("rb") as fh:
+            magic = fh.read(4)
+    except FileNotFoundError as exc:
+        raise ModelFileError(
+            f"model '{model_id}': file {path} does not exist",
+            "download it again (for the default model: `python scripts/fetch_model.py`) "
+            "or correct `source` in the catalog",
+        ) from exc
+    except OSError as exc:
+        raise ModelFileError(f"model '{model_id}': cannot read {path}: {exc}", "check the file's permissions") from exc
+    if magic != GGUF_MAGIC:
+        raise ModelFileError(
+            f"model '{model_id}': {path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')",
+            "download the model again; localsample loads only .gguf files",
+        )

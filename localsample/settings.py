@@ -1,0 +1,122 @@
+"""Settings: defaults < config file (TOML) < LOCALSAMPLE_* environment variables.
+
+The config file lives in the platform's config directory (``~/.config/localsample/
+config.toml`` on Linux) unless ``LOCALSAMPLE_CONFIG`` names another. Every field can be
+set in the file by its name or in the environment as ``LOCALSAMPLE_<NAME>``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+from pydantic import Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from localsample.errors import ConfigError
+
+APP = "localsample"
+ENV_PREFIX = "LOCALSAMPLE_"
+CONFIG_ENV = "LOCALSAMPLE_CONFIG"
+
+
+def config_file_path() -> Path:
+    """The config file to read: ``$LOCALSAMPLE_CONFIG`` or the platform default."""
+    override = os.environ.get(CONFIG_ENV)
+    if override:
+        return Path(override).expanduser()
+    return Path(platformdirs.user_config_dir(APP)) / "config.toml"
+
+
+def _default_catalog() -> Path:
+    return Path(platformdirs.user_config_dir(APP)) / "models.toml"
+
+
+def _default_model_dir() -> Path:
+    return Path(platformdirs.user_data_dir(APP)) / "models"
+
+
+def _default_log_dir() -> Path:
+    return Path(platformdirs.user_log_dir(APP))
+
+
+class Settings(BaseSettings):
+    """Effective settings. Use :func:`load_settings` to build one with clear errors."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
+
+    default_model: str = Field(
+        "smollm2-135m-instruct",
+        description="catalog id (or alias) used when a request names no usable model",
+    )
+    catalog_path: Path = Field(
+        default_factory=_default_catalog,
+        description="the user's catalog; extends and overrides the packaged models.toml by id",
+    )
+    model_dir: Path = Field(
+        default_factory=_default_model_dir,
+        description="model store; relative `source` paths in catalogs resolve against it",
+    )
+    log_dir: Path = Field(default_factory=_default_log_dir, description="log and audit files")
+    log_level: str = Field("info", pattern="^(debug|info|warning|error)$", description="stderr log level")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=config_file_path())
+        return (init_settings, env_settings, toml)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the effective settings; a bad file or variable raises :class:`ConfigError`."""
+    path = config_file_path()
+    try:
+        return Settings(**overrides)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not valid TOML: {exc}",
+            f"correct the syntax at the line given, or point {CONFIG_ENV} at another file",
+        ) from exc
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            name = ".".join(str(part) for part in err["loc"])
+            problems.append(f"'{name}': {err['msg']}")
+        known = ", ".join(Settings.model_fields)
+        raise ConfigError(
+            f"invalid settings ({path} or {ENV_PREFIX}* variables): " + "; ".join(problems),
+            f"fix or remove those keys; known settings: {known}",
+        ) from exc
+
+
+def setting_sources(settings: Settings) -> dict[str, str]:
+    """Where each effective value came from: an env variable, the config file, or default."""
+    path = config_file_path()
+    file_keys: set[str] = set()
+    if path.is_file():
+        with path.open("rb") as fh:
+            file_keys = set(tomllib.load(fh))
+    sources: dict[str, str] = {}
+    for name in type(settings).model_fields:
+        env = ENV_PREFIX + name.upper()
+        if env in os.environ:
+            sources[name] = f"env {env}"
+        elif name in file_keys:
+            sources[name] = str(path)
+        else:
+            sources[name] = "default"
+    return sources

