@@ -145,7 +145,12 @@ def config(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
     values = {name: str(value) for name, value in settings.model_dump().items()}
     path = config_file_path()
     if as_json:
-        payload = {"config_file": str(path), "config_file_exists": path.is_file(), "settings": values, "sources": sources}
+        payload = {
+            "config_file": str(path),
+            "config_file_exists": path.is_file(),
+            "settings": values,
+            "sources": sources,
+        }
         typer.echo(json.dumps(payload, indent=2))
         return
     typer.echo(f"config file: {path}{'' if path.is_file() else ' (not present)'}")

@@ -4,5 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+.venv/bin/python -m ruff check localsample tests scripts
 .venv/bin/python -m mypy
 .venv/bin/python -m pytest "$@"

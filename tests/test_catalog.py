@@ -73,7 +73,10 @@ def test_user_catalog_extends_and_overrides_by_id(tmp_path: Path) -> None:
             '[[models]]\nid = "a"\nsource = "a.gguf"\n[models.load]\nn_gpu_layer = 3\n',
             ["model 'a'", "field 'load.n_gpu_layer'", "unknown field", "llama.cpp"],
         ),
-        ('[[models]]\nid = "a"\nsource = "a.gguf"\ncost = 1.5\n', ["model 'a'", "field 'cost'", "1.5", "less than or equal to 1"]),
+        (
+            '[[models]]\nid = "a"\nsource = "a.gguf"\ncost = 1.5\n',
+            ["model 'a'", "field 'cost'", "1.5", "less than or equal to 1"],
+        ),
         ('[[models]]\nid = "a"\nsource = "a.gguf"\n[models.load]\nn_ctx = -1\n', ["field 'load.n_ctx'", "-1"]),
         ('[[models]]\nid = "A b"\nsource = "a.gguf"\n', ["field 'id'", "'A b'"]),
         ('[[models]]\nid = "a"\n', ["model 'a'", "field 'source'", "required", "add source"]),
@@ -96,7 +99,8 @@ def test_every_catalog_error_names_file_model_field_and_fix(text: str, expected:
 
 
 def test_all_errors_of_a_file_are_reported_at_once(tmp_path: Path) -> None:
-    path = write(tmp_path / "bad.toml", '[[models]]\nid = "a"\nsource = "a"\ncost = 2\n[[models]]\nid = "b"\nspeed = -1\n')
+    text = '[[models]]\nid = "a"\nsource = "a"\ncost = 2\n[[models]]\nid = "b"\nspeed = -1\n'
+    path = write(tmp_path / "bad.toml", text)
     message = str(pytest.raises(CatalogError, load_catalog, path).value)
     assert "model 'a': field 'cost'" in message
     assert "model 'b': field 'source'" in message
