@@ -5,17 +5,24 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Callable, Coroutine
 from dataclasses import asdict
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import anyio
 import typer
+from mcp import types
+from mcp.shared.exceptions import MCPDeprecationWarning
 
 from localsample import __version__
+from localsample.client import NO_BACK_CHANNEL, ServerSpec, call_tool, first_cause, tool_result_text
 from localsample.engine import ChatMessage, Completion, GenerationRequest
-from localsample.errors import LocalsampleError
+from localsample.errors import LocalsampleError, ServerSpecError
+from localsample.proxy import Proxy
 from localsample.runtime import Runtime
+from localsample.sampling import Echo, SamplingHandler
 from localsample.settings import config_file_path, load_settings, setting_sources
 
 app = typer.Typer(
@@ -50,10 +57,13 @@ def run_async(func: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run a coroutine; a LocalsampleError becomes one clear message and exit code 1."""
     try:
         return anyio.run(func)
-    except LocalsampleError as exc:
-        raise fail(str(exc)) from None
-    except KeyboardInterrupt:
-        raise fail("interrupted", 130) from None
+    except BaseException as exc:  # task groups wrap errors in exception groups
+        cause = first_cause(exc)
+        if isinstance(cause, LocalsampleError):
+            raise fail(str(cause)) from None
+        if isinstance(cause, KeyboardInterrupt):
+            raise fail("interrupted", 130) from None
+        raise
 
 
 def make_runtime() -> Runtime:
@@ -134,6 +144,127 @@ def sample(
     run_async(go)
 
 
+def parse_env(pairs: list[str] | None) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise fail(f"--env {pair!r} is not KEY=VALUE")
+        env[key] = value
+    return env
+
+
+def terminal_echo(quiet: bool) -> Echo | None:
+    """Live tokens on stderr when it is a terminal (stdout carries the result)."""
+    if quiet or not sys.stderr.isatty():
+        return None
+
+    def echo(text: str) -> None:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+    return echo
+
+
+ServerOption = Annotated[
+    str, typer.Option("--server", "-s", help="[NAME=]COMMAND or http(s)://URL of the MCP server.")
+]
+EnvOption = Annotated[list[str] | None, typer.Option("--env", help="KEY=VALUE for a stdio server (repeatable).")]
+CwdOption = Annotated[Path | None, typer.Option("--cwd", help="Working directory for a stdio server.")]
+ProtocolOption = Annotated[
+    str,
+    typer.Option(
+        "--protocol",
+        help="auto (2026-07-28 if the server offers it), legacy (initialize handshake), or 2026-07-28.",
+    ),
+]
+
+
+@app.command()
+def call(
+    tool: Annotated[str, typer.Argument(help="Name of the tool to call.")],
+    server: ServerOption,
+    arg: Annotated[list[str] | None, typer.Option("--arg", "-a", help="key=value argument (repeatable).")] = None,
+    args_json: Annotated[str | None, typer.Option("--args", help="Arguments as a JSON object.")] = None,
+    env: EnvOption = None,
+    cwd: CwdOption = None,
+    protocol: ProtocolOption = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole tool result as JSON.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Do not show tokens live on stderr.")] = False,
+) -> None:
+    """Call one TOOL of an MCP server, answering its sampling requests locally."""
+    runtime = make_runtime()
+    try:
+        spec = ServerSpec.parse(server, env=parse_env(env), cwd=cwd, protocol=protocol)
+    except LocalsampleError as exc:
+        raise fail(str(exc)) from None
+    echo = None if as_json else terminal_echo(quiet)
+    handler = SamplingHandler(runtime, server=spec.name, echo=echo)
+
+    async def go() -> types.CallToolResult:
+        try:
+            return await call_tool(spec, tool, handler, pairs=arg, json_args=args_json)
+        finally:
+            runtime.close()
+
+    result = run_async(go)
+    if echo is not None:
+        sys.stderr.write("\n")
+    if as_json:
+        typer.echo(result.model_dump_json(by_alias=True, exclude_none=True, indent=2))
+    elif not result.is_error:
+        typer.echo(tool_result_text(result))
+    if result.is_error:
+        text = tool_result_text(result)
+        if NO_BACK_CHANNEL in text:
+            text += "\n  fix: this server pushes sampling requests; run again with --protocol legacy"
+        raise fail(f"tool '{tool}' failed: {text}")
+
+
+@app.command()
+def serve(
+    server: Annotated[
+        list[str], typer.Option("--server", "-s", help="[NAME=]COMMAND or http(s)://URL (repeatable).")
+    ],
+    env: EnvOption = None,
+    cwd: CwdOption = None,
+    protocol: ProtocolOption = "auto",
+    listen: Annotated[
+        str | None, typer.Option(help="Serve over Streamable HTTP at HOST:PORT instead of stdio.")
+    ] = None,
+) -> None:
+    """Serve MCP to a host, forwarding to SERVER(s) and answering their sampling locally.
+
+    Put this in place of the server's own command in the host's MCP configuration.
+    stdout carries the protocol; every log line goes to stderr.
+    """
+    runtime = make_runtime()
+    try:
+        specs = [ServerSpec.parse(value, env=parse_env(env), cwd=cwd, protocol=protocol) for value in server]
+        proxy = Proxy(runtime, specs)
+        address = parse_listen(listen) if listen else None
+    except LocalsampleError as exc:
+        raise fail(str(exc)) from None
+
+    async def go() -> None:
+        try:
+            if address is None:
+                await proxy.run_stdio()
+            else:
+                await proxy.run_http(*address)
+        finally:
+            runtime.close()
+
+    run_async(go)
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ServerSpecError(f"--listen {value!r} is not HOST:PORT", "write e.g. --listen 127.0.0.1:8765")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
 @app.command()
 def config(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """Print the effective settings and where each one came from."""
@@ -160,6 +291,9 @@ def config(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
 
 
 def main() -> None:
+    # Sampling is deprecated in the 2026-07-28 spec but kept for 12 months; answering it
+    # is this tool's purpose, so the SDK's deprecation warnings are noise here.
+    warnings.filterwarnings("ignore", category=MCPDeprecationWarning)
     app()
 
 

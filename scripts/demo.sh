@@ -3,4 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-.venv/bin/localsample sample "Write a two-sentence product description for a ripe red tomato." --max-tokens 120
+. .venv/bin/activate
+# An MCP server whose tool samples; localsample answers the sampling with the local model.
+localsample call --server "python examples/product_server.py" create_product \
+    --arg name=tomato --arg keywords="red, fresh"

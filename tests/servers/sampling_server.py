@@ -1,0 +1,142 @@
+"""A real MCP server (the SDK's MCPServer) whose tools ask the client to sample.
+
+Used in-process by the protocol tests and as a stdio subprocess by the CLI tests. Each
+tool reports what came back as JSON, so tests can check what the server really saw.
+
+- `write`: samples through `Resolve`/`Sample`, so it works on both protocol eras
+  (pushed request on 2025-11-25, `InputRequiredResult` on 2026-07-28).
+- `push`: sends a hand-made `sampling/createMessage` (≤ 2025-11-25 only), optionally with
+  a progress token and a timeout after which the server abandons (cancels) the request;
+  fields may be malformed on purpose.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import anyio
+from mcp import types
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.resolve import Resolve, Sample
+from mcp.shared.exceptions import MCPError
+
+server = MCPServer("sampling-test-server")
+
+
+def _message(text: str) -> types.SamplingMessage:
+    return types.SamplingMessage(role="user", content=types.TextContent(type="text", text=text))
+
+
+def ask(topic: str, max_tokens: int = 40, hint: str = "") -> Sample:
+    hints = [types.ModelHint(name=hint)] if hint else None
+    return Sample(
+        [_message(f"Write one sentence about {topic}.")],
+        max_tokens=max_tokens,
+        temperature=0.0,
+        model_preferences=types.ModelPreferences(hints=hints) if hints else None,
+    )
+
+
+@server.tool()
+async def write(
+    topic: str,
+    max_tokens: int = 40,
+    hint: str = "",
+    result: Annotated[types.CreateMessageResult, Resolve(ask)] = None,  # type: ignore[assignment]
+) -> str:
+    """Sample one sentence about TOPIC; returns the result as JSON."""
+    return result.model_dump_json(by_alias=True, exclude_none=True)
+
+
+@server.tool()
+async def push(
+    ctx: Context,
+    text: str = "Write a long story about a lighthouse.",
+    max_tokens: int = 40,
+    stop: list[str] | None = None,
+    temperature: float | None = 0.0,
+    system: str | None = None,
+    metadata: dict[str, Any] | None = None,
+    hints: list[str] | None = None,
+    progress: bool = False,
+    timeout: float | None = None,
+    empty: bool = False,
+    image: bool = False,
+    tools: bool = False,
+) -> str:
+    """Send a sampling/createMessage as built from the arguments; report what came back."""
+    messages = [] if empty else [_message(text)]
+    if image:
+        messages.append(
+            types.SamplingMessage(
+                role="user", content=types.ImageContent(type="image", data="iVBORw0KGgo=", mime_type="image/png")
+            )
+        )
+    params = types.CreateMessageRequestParams(
+        messages=messages,
+        max_tokens=max_tokens,
+        stop_sequences=stop,
+        temperature=temperature,
+        system_prompt=system,
+        metadata=metadata,
+        model_preferences=types.ModelPreferences(hints=[types.ModelHint(name=h) for h in hints]) if hints else None,
+        tools=[types.Tool(name="lookup", input_schema={"type": "object"})] if tools else None,
+    )
+    seen: list[dict[str, Any]] = []
+
+    async def on_progress(value: float, total: float | None, message: str | None) -> None:
+        seen.append({"progress": value, "total": total, "message": message})
+
+    report: dict[str, Any] = {"progress": seen}
+    try:
+        with anyio.move_on_after(timeout if timeout is not None else 300) as scope:
+            result = await ctx.session.send_request(
+                types.CreateMessageRequest(params=params),
+                types.CreateMessageResult,
+                progress_callback=on_progress if progress else None,
+            )
+            report["result"] = result.model_dump(mode="json", by_alias=True, exclude_none=True)
+        report["timed_out"] = scope.cancelled_caught
+    except MCPError as exc:
+        report["error"] = {"code": exc.error.code, "message": exc.error.message}
+    return json.dumps(report)
+
+
+@server.tool()
+def echo(text: str, times: int = 1) -> str:
+    """No sampling: returns TEXT repeated TIMES (checks argument typing)."""
+    return text * times
+
+
+@server.tool()
+async def count(ctx: Context, n: int = 3) -> str:
+    """Report progress N times, then return (checks progress pass-through)."""
+    for i in range(n):
+        await ctx.report_progress(i + 1, n, f"step {i + 1}")
+        await anyio.sleep(0.01)
+    return f"counted {n}"
+
+
+@server.tool()
+def crash() -> str:
+    """Exit the server process at once, as a crash would."""
+    import os
+
+    os._exit(3)
+
+
+@server.resource("note://greeting")
+def greeting() -> str:
+    """A static resource, for pass-through tests."""
+    return "hello from the sampling test server"
+
+
+@server.prompt()
+def haiku(subject: str) -> str:
+    """A prompt, for pass-through tests."""
+    return f"Write a haiku about {subject}."
+
+
+if __name__ == "__main__":
+    server.run()
