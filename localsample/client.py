@@ -213,6 +213,11 @@ def mcp_error(spec: ServerSpec, exc: MCPError) -> ServerError:
             if spec.url is None
             else "check that the server is still running",
         )
+    if NO_BACK_CHANNEL in str(exc):
+        return ServerError(
+            f"server '{spec.name}' could not send its sampling request: {exc}",
+            "this server pushes sampling requests; run again with --protocol legacy",
+        )
     return ServerError(f"server '{spec.name}' answered with an error: {exc}", "check the tool name and arguments")
 
 

@@ -4,6 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# The protocol tests also run a server built with the TypeScript SDK (needs Node.js >= 18).
+if ! command -v npm >/dev/null; then
+    echo "test: Node.js and npm are needed for the TypeScript-SDK server tests; install Node.js >= 18" >&2
+    exit 1
+fi
+[ -d tests/servers/ts/node_modules/@modelcontextprotocol/sdk ] ||
+    (cd tests/servers/ts && npm ci --no-audit --no-fund --loglevel=error)
 .venv/bin/python -m ruff check localsample tests scripts
 .venv/bin/python -m mypy
 .venv/bin/python -m pytest "$@"

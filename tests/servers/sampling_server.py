@@ -104,6 +104,13 @@ async def push(
 
 
 @server.tool()
+async def classic(ctx: Context, text: str = "Say hi.", max_tokens: int = 8) -> str:
+    """The most common server pattern: push a sampling request with create_message."""
+    result = await ctx.session.create_message([_message(text)], max_tokens=max_tokens)
+    return f"{result.model}: {result.content.text}"  # type: ignore[union-attr]
+
+
+@server.tool()
 def echo(text: str, times: int = 1) -> str:
     """No sampling: returns TEXT repeated TIMES (checks argument typing)."""
     return text * times
