@@ -29,7 +29,7 @@ class Runtime:
 
     async def complete(self, choice: Choice, request: GenerationRequest, on_text: OnText | None = None) -> Completion:
         engine = self.pool.engine(choice.model)
-        log.info("model %s: %s", choice.model.id, choice.reason)
+        log.debug("model %s: %s", choice.model.id, choice.reason)
         return await engine.generate(request, on_text)
 
     def close(self) -> None:

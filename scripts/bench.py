@@ -2,12 +2,17 @@
 
     python scripts/bench.py [--model ID] [--tokens N] [--rounds R]
 
-Prints, side by side, decode tokens/s and time to first token (TTFT) for:
-  raw      llama-cpp-python `create_chat_completion(stream=True)`, the GGUF's chat template
-  engine   localsample's Engine.generate (worker thread -> asyncio, stop matching)
-and the ratio engine/raw. Both load the model with the catalog's settings, evaluate the
-whole prompt each round (no cache), decode greedily to exactly N tokens, and alternate
-rounds so drift hits both alike. Medians over R rounds.
+1. Engine vs raw: decode tokens/s and time to first token (TTFT) of
+     raw      llama-cpp-python `create_chat_completion(stream=True)`, the GGUF's template
+     engine   localsample's Engine.generate (own llama thread -> asyncio, stop matching)
+   Both evaluate the whole prompt each round (no cache) and decode greedily to exactly N
+   tokens.
+2. End to end over stdio: an MCP server (scripts/bench_server.py) pushes a sampling
+   request, localsample answers it, the server times the round trip; vs the engine alone
+   on the same request sequence (prompt cached after the first round, on both sides).
+   Prints the throughput ratio and the latency localsample and MCP add per request.
+Each side runs in a process of its own and rounds alternate, so drift hits all alike.
+Medians over R rounds. Both load the model with the catalog's settings.
 
 Each side runs in a process of its own: llama.cpp's OpenMP threads spin after each token,
 and two llama.cpp users in one process (one per calling thread) slow each other down.
@@ -17,16 +22,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import multiprocessing
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
 
+import anyio
 from llama_cpp import Llama
 
 from localsample.engine import ChatMessage, Engine, GenerationRequest
@@ -71,16 +82,7 @@ def bench_raw(llama: Llama, max_tokens: int) -> Sample:
 
 def bench_engine(engine: Engine, max_tokens: int) -> Sample:
     engine.load().reset()
-    request = GenerationRequest(
-        messages=[ChatMessage("user", PROMPT)],
-        system=SYSTEM,
-        max_tokens=max_tokens,
-        temperature=0.0,
-        top_k=40,
-        top_p=0.95,
-        min_p=0.05,
-        repeat_penalty=1.0,
-    )
+    request = engine_request(max_tokens)
     times: list[float] = []
 
     async def on_text(_text: str, _tokens: int) -> None:
@@ -94,6 +96,65 @@ def bench_engine(engine: Engine, max_tokens: int) -> Sample:
         return Sample(times[0] - started, (max_tokens - 1) / (times[-1] - times[0]), max_tokens)
 
     return asyncio.run(run())
+
+
+METADATA = {"top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0}
+
+
+def engine_request(max_tokens: int) -> GenerationRequest:
+    """What localsample's sampling handler makes of the bench server's request."""
+    return GenerationRequest(
+        messages=[ChatMessage("user", PROMPT)], system=SYSTEM, max_tokens=max_tokens, temperature=0.0, **METADATA
+    )
+
+
+def e2e_side(model_id: str, conn: Connection) -> None:
+    """Answer the bench server's sampling through localsample's MCP client, per request."""
+    from mcp import Client, StdioServerParameters
+
+    from localsample.sampling import SamplingHandler
+
+    runtime = Runtime()
+    handler = SamplingHandler(runtime, server="bench")
+    server = StdioServerParameters(command=sys.executable, args=[str(Path(__file__).parent / "bench_server.py")])
+
+    async def serve_rounds() -> None:
+        async with Client(server, sampling_callback=handler, mode="legacy") as client:
+
+            async def one(tokens: int) -> float:
+                arguments = {"prompt": PROMPT, "system": SYSTEM, "max_tokens": tokens, "metadata": METADATA}
+                result = await client.call_tool("timed_sample", arguments)
+                report = json.loads(result.content[0].text)  # type: ignore[union-attr]
+                if report["stop_reason"] != "maxTokens" or report["model"] != model_id:
+                    raise SystemExit(f"unexpected end-to-end result: {report}")
+                return float(report["seconds"])
+
+            await one(8)
+            conn.send("ready")
+            while (tokens := await anyio.to_thread.run_sync(conn.recv)) is not None:
+                conn.send(await one(tokens))
+
+    anyio.run(serve_rounds)
+    runtime.close()
+
+
+def engine_alone_side(model_id: str, conn: Connection) -> None:
+    """The same request sequence straight into the engine, timed around generate()."""
+    runtime = Runtime()
+    engine = runtime.pool.engine(runtime.catalog.get(model_id))
+
+    async def one(tokens: int) -> float:
+        started = time.perf_counter()
+        result = await engine.generate(engine_request(tokens))
+        if result.completion_tokens != tokens:
+            raise SystemExit(f"engine stopped early: {result.stop_reason}")
+        return time.perf_counter() - started
+
+    asyncio.run(one(8))
+    conn.send("ready")
+    while (tokens := conn.recv()) is not None:
+        conn.send(asyncio.run(one(tokens)))
+    runtime.close()
 
 
 def median(samples: list[Sample], key: Callable[[Sample], float]) -> float:
@@ -130,16 +191,41 @@ def main() -> None:
 
     runtime = Runtime()
     model = runtime.catalog.get(args.model or runtime.settings.default_model)
+    threads = model.load.llama_kwargs()["n_threads"]
+    print(f"model {model.id}, {args.tokens} tokens greedy, median of {args.rounds} alternating rounds")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, n_threads={threads}")
+
+    runs = run_sides({"raw": partial(side, "raw"), "engine": partial(side, "engine")}, model.id, args)
+    print(f"\n1. engine vs raw llama-cpp-python\n{'':28}{'raw':>10}{'engine':>10}{'ratio':>8}")
+    raw_tps, eng_tps = (median(runs[n], lambda s: s.decode_tps) for n in ("raw", "engine"))
+    raw_ttft, eng_ttft = (median(runs[n], lambda s: s.ttft) for n in ("raw", "engine"))
+    print(f"{'decode tokens/s':28}{raw_tps:>10.1f}{eng_tps:>10.1f}{eng_tps / raw_tps:>8.3f}   (target >= 0.97)")
+    print(f"{'time to first token ms':28}{raw_ttft * 1e3:>10.1f}{eng_ttft * 1e3:>10.1f}{eng_ttft / raw_ttft:>8.3f}")
+
+    times = run_sides({"engine": engine_alone_side, "e2e": e2e_side}, model.id, args)
+    alone, e2e = statistics.median(times["engine"]), statistics.median(times["e2e"])
+    print("\n2. end to end over stdio (server -> localsample -> model -> server)")
+    print(f"{'':28}{'engine':>10}{'e2e':>10}{'ratio':>8}")
+    print(f"{'request time ms':28}{alone * 1e3:>10.1f}{e2e * 1e3:>10.1f}")
+    print(
+        f"{'tokens/s (whole request)':28}{args.tokens / alone:>10.1f}{args.tokens / e2e:>10.1f}"
+        f"{alone / e2e:>8.3f}   (target >= 0.97)"
+    )
+    print(f"{'added latency ms':28}{'':>10}{(e2e - alone) * 1e3:>10.1f}{'':>8}   (aim <= 15)")
+
+
+def run_sides(targets: dict[str, Callable[[str, Connection], None]], model_id: str, args: Any) -> dict[str, list[Any]]:
+    """Start one process per side, then alternate rounds between them."""
     context = multiprocessing.get_context("spawn")
     sides: dict[str, tuple[BaseProcess, Connection]] = {}
-    for name in ("raw", "engine"):
+    for name, target in targets.items():
         mine, theirs = context.Pipe()
-        process = context.Process(target=side, args=(name, model.id, theirs), daemon=True)
+        process = context.Process(target=target, args=(model_id, theirs), daemon=True)
         process.start()
         sides[name] = (process, mine)
         if mine.recv() != "ready":
             raise SystemExit(f"the {name} side did not start")
-    runs: dict[str, list[Sample]] = {"raw": [], "engine": []}
+    runs: dict[str, list[Any]] = {name: [] for name in targets}
     for _ in range(args.rounds):
         for name, (_, conn) in sides.items():
             conn.send(args.tokens)
@@ -147,15 +233,7 @@ def main() -> None:
     for process, conn in sides.values():
         conn.send(None)
         process.join()
-
-    threads = model.load.llama_kwargs()["n_threads"]
-    print(f"model {model.id}, {args.tokens} tokens greedy, median of {args.rounds} alternating rounds")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, n_threads={threads}")
-    print(f"{'':24}{'raw':>10}{'engine':>10}{'ratio':>8}")
-    raw_tps, eng_tps = (median(runs[n], lambda s: s.decode_tps) for n in ("raw", "engine"))
-    raw_ttft, eng_ttft = (median(runs[n], lambda s: s.ttft) for n in ("raw", "engine"))
-    print(f"{'decode tokens/s':24}{raw_tps:>10.1f}{eng_tps:>10.1f}{eng_tps / raw_tps:>8.3f}   (target >= 0.97)")
-    print(f"{'time to first token ms':24}{raw_ttft * 1e3:>10.1f}{eng_ttft * 1e3:>10.1f}{eng_ttft / raw_ttft:>8.3f}")
+    return runs
 
 
 if __name__ == "__main__":
