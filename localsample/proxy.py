@@ -378,14 +378,21 @@ class Proxy:
     ) -> types.ElicitResult | types.ErrorData:
         host = self.host
         caps = types.ClientCapabilities(elicitation=types.ElicitationCapability())
-        if host is None or not host.check_client_capability(caps):
-            log.info("elicitation from a downstream server declined: the host does not support elicitation")
+        if host is None or not host.check_client_capability(caps) or not host.can_send_request:
+            log.info("elicitation from a downstream server refused: the host cannot answer elicitation")
             return types.ErrorData(code=INVALID_REQUEST, message="the host does not support elicitation")
-        return await host.send_request(types.ElicitRequest(params=params), types.ElicitResult)
+        try:
+            return await host.send_request(types.ElicitRequest(params=params), types.ElicitResult)
+        except MCPError as exc:
+            return exc.error
 
     async def _list_roots(self, context: ClientRequestContext) -> types.ListRootsResult | types.ErrorData:
         host = self.host
-        if host is None or not host.check_client_capability(types.ClientCapabilities(roots=types.RootsCapability())):
+        roots = types.ClientCapabilities(roots=types.RootsCapability())
+        if host is None or not host.check_client_capability(roots) or not host.can_send_request:
             return types.ErrorData(code=METHOD_NOT_FOUND, message="the host does not support roots")
-        return await host.list_roots()
+        try:
+            return await host.list_roots()
+        except MCPError as exc:
+            return exc.error
 

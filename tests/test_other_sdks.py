@@ -46,3 +46,20 @@ def test_serve_fronts_a_typescript_sdk_server(model_dir: Path) -> None:
 
     result = json.loads(anyio.run(as_host))
     assert result["model"] == "smollm2-135m-instruct"
+
+
+def test_a_server_pinned_to_protocol_2024_11_05_gets_a_well_formed_answer(model_dir: Path) -> None:
+    server = f"{sys.executable} {Path(__file__).parent / 'servers' / 'old_protocol_server.py'}"
+    proc = subprocess.run(
+        [sys.executable, "-m", "localsample", "call", "--server", server, "ask"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    answer = json.loads(proc.stdout)  # the raw JSON-RPC response the server received
+    assert answer["jsonrpc"] == "2.0" and answer["id"] == "s1" and "error" not in answer
+    result = answer["result"]
+    assert result["role"] == "assistant"
+    assert result["content"]["type"] == "text" and result["content"]["text"]  # one block, not a list
+    assert result["model"] == "smollm2-135m-instruct"
+    assert result["stopReason"] in ("endTurn", "maxTokens")
+    assert "includeContext=thisServer treated as none" in proc.stderr

@@ -11,10 +11,12 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
-from mcp import Client, StdioServerParameters
+from mcp import Client, StdioServerParameters, types
+from mcp.client.session import ClientRequestContext
 from mcp.shared.exceptions import MCPError
 
 pytestmark = pytest.mark.anyio
@@ -29,11 +31,14 @@ def anyio_backend() -> str:
 
 
 @asynccontextmanager
-async def host(*servers: str, mode: str = "legacy", protocol: str = "auto") -> AsyncIterator[Client]:
+async def host(
+    *servers: str, mode: str = "legacy", protocol: str = "auto", elicitation: Any = None
+) -> AsyncIterator[Client]:
     args = ["-m", "localsample", "serve", "--protocol", protocol]
     for server in servers:
         args += ["--server", server]
-    async with Client(StdioServerParameters(command=sys.executable, args=args), mode=mode) as client:
+    params = StdioServerParameters(command=sys.executable, args=args)
+    async with Client(params, mode=mode, elicitation_callback=elicitation) as client:
         yield client
 
 
@@ -114,3 +119,23 @@ async def test_a_downstream_that_cannot_start_fails_serve_with_a_clear_message(m
     assert proc.returncode == 1
     assert b"command not found: no-such-program-xyz" in proc.stderr
     assert proc.stdout == b""  # stdout belongs to the protocol: nothing else is written there
+
+
+async def test_elicitation_from_the_downstream_server_reaches_the_host(model_dir: Path) -> None:
+    asked: list[str] = []
+
+    async def answer(context: ClientRequestContext, params: types.ElicitRequestParams) -> types.ElicitResult:
+        asked.append(params.message)
+        return types.ElicitResult(action="accept", content={"ok": True})
+
+    async with host(DOWNSTREAM, protocol="legacy", elicitation=answer) as client:
+        result = await client.call_tool("confirm", {"question": "Ship it?"})
+    assert asked == ["Ship it?"]
+    assert result.content[0].text == "accept: True"  # type: ignore[union-attr]
+
+
+async def test_elicitation_without_host_support_is_an_error_not_a_hang(model_dir: Path) -> None:
+    async with host(DOWNSTREAM, protocol="legacy") as client:
+        with anyio.fail_after(30):
+            result = await client.call_tool("confirm", {})
+    assert "elicitation failed: the host does not support elicitation" in result.content[0].text  # type: ignore[union-attr]

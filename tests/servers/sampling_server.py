@@ -20,6 +20,7 @@ from mcp import types
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.resolve import Resolve, Sample
 from mcp.shared.exceptions import MCPError
+from pydantic import BaseModel
 
 server = MCPServer("sampling-test-server")
 
@@ -123,6 +124,20 @@ async def count(ctx: Context, n: int = 3) -> str:
         await ctx.report_progress(i + 1, n, f"step {i + 1}")
         await anyio.sleep(0.01)
     return f"counted {n}"
+
+
+class Answer(BaseModel):
+    ok: bool
+
+
+@server.tool()
+async def confirm(ctx: Context, question: str = "Proceed?") -> str:
+    """Ask the user through elicitation; report the answer."""
+    try:
+        outcome = await ctx.elicit(question, Answer)
+    except MCPError as exc:
+        return f"elicitation failed: {exc.error.message}"
+    return f"{outcome.action}: {outcome.data.ok if outcome.action == 'accept' else None}"
 
 
 @server.tool()
