@@ -139,3 +139,16 @@ async def test_elicitation_without_host_support_is_an_error_not_a_hang(model_dir
         with anyio.fail_after(30):
             result = await client.call_tool("confirm", {})
     assert "elicitation failed: the host does not support elicitation" in result.content[0].text  # type: ignore[union-attr]
+
+
+async def test_a_call_the_host_cancels_is_cancelled_downstream(model_dir: Path, tmp_path: Path) -> None:
+    record = tmp_path / "record.txt"
+    async with host(DOWNSTREAM) as client:
+        with anyio.move_on_after(3):
+            await client.call_tool("sleepy", {"record": str(record)})
+        with anyio.fail_after(10):
+            while record.read_text() == "started":
+                await anyio.sleep(0.1)
+        assert record.read_text() == "cancelled"
+        echoed = await client.call_tool("echo", {"text": "still here"})  # the proxy keeps serving
+        assert echoed.content[0].text == "still here"  # type: ignore[union-attr]

@@ -141,6 +141,22 @@ async def confirm(ctx: Context, question: str = "Proceed?") -> str:
 
 
 @server.tool()
+async def sleepy(record: str, seconds: float = 30.0) -> str:
+    """Sleep; write 'started', then 'finished' or 'cancelled', to the file RECORD."""
+    from pathlib import Path
+
+    path = Path(record)
+    path.write_text("started")
+    try:
+        await anyio.sleep(seconds)
+    except anyio.get_cancelled_exc_class():
+        path.write_text("cancelled")
+        raise
+    path.write_text("finished")
+    return "slept"
+
+
+@server.tool()
 def crash() -> str:
     """Exit the server process at once, as a crash would."""
     import os
