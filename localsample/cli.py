@@ -23,6 +23,7 @@ from localsample.errors import LocalsampleError, ServerSpecError
 from localsample.proxy import Proxy
 from localsample.runtime import Runtime
 from localsample.sampling import Echo, SamplingHandler
+from localsample.selection import Preferences
 from localsample.settings import config_file_path, load_settings, setting_sources
 
 app = typer.Typer(
@@ -34,6 +35,12 @@ app = typer.Typer(
 )
 
 T = TypeVar("T")
+
+
+def _register_subcommands() -> None:
+    from localsample.cli_models import models_app
+
+    app.add_typer(models_app, name="models")
 
 
 def setup_logging(level: str = "info") -> None:
@@ -122,7 +129,7 @@ def sample(
                 temperature=temperature,
                 seed=seed,
             )
-            choice = runtime.select(model=model, hints=hint or ())
+            choice = runtime.select(model=model, prefs=Preferences(hints=tuple(hint or ())))
 
             async def show(text: str, _tokens: int) -> None:
                 sys.stdout.write(text)
@@ -288,6 +295,9 @@ def config(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
     width = max(len(name) for name in values)
     for name, value in values.items():
         typer.echo(f"  {name:<{width}}  {value}    [{sources[name]}]")
+
+
+_register_subcommands()
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ from mcp.client.session import ClientRequestContext
 from localsample.engine import ChatMessage, Completion, GenerationRequest
 from localsample.errors import INTERNAL_ERROR, LocalsampleError, RequestError, UnsupportedContentError
 from localsample.runtime import Runtime
+from localsample.selection import Needs, Preferences, estimate_tokens
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +106,21 @@ def _metadata_sampling(metadata: dict[str, Any] | None) -> dict[str, Any]:
     return chosen
 
 
-def hints_of(params: types.CreateMessageRequestParams) -> list[str]:
+def preferences_of(params: types.CreateMessageRequestParams) -> Preferences:
     prefs = params.model_preferences
-    if prefs is None or not prefs.hints:
-        return []
-    return [h.name for h in prefs.hints if h.name]
+    if prefs is None:
+        return Preferences()
+    return Preferences(
+        hints=tuple(h.name for h in prefs.hints or () if h.name),
+        cost=prefs.cost_priority,
+        speed=prefs.speed_priority,
+        intelligence=prefs.intelligence_priority,
+    )
+
+
+def needs_of(request: GenerationRequest) -> Needs:
+    chars = sum(len(m.content) for m in request.messages) + len(request.system or "")
+    return Needs(prompt_tokens=estimate_tokens(chars, len(request.messages)), max_tokens=request.max_tokens)
 
 
 def to_result(completion: Completion) -> types.CreateMessageResult:
@@ -163,7 +174,7 @@ class SamplingHandler:
             request = to_generation_request(params)
             if params.include_context not in (None, "none"):
                 log.info("%s: includeContext=%s treated as none", self.server, params.include_context)
-            choice = self.runtime.select(hints=hints_of(params))
+            choice = self.runtime.select(needs=needs_of(request), prefs=preferences_of(params), server=self.server)
             token = ctx.meta.get("progress_token") if ctx.meta else None
             progress = _Progress(ctx, token, params.max_tokens) if token is not None else None
             echo = self.echo

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import platformdirs
-from pydantic import Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -48,6 +48,16 @@ def _default_log_dir() -> Path:
     return Path(platformdirs.user_log_dir(APP))
 
 
+class ServerSettings(BaseModel):
+    """Per-server settings: ``[servers.NAME]`` in the config file (``[servers."*"]`` is the
+    default for servers without a table of their own)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="pin: every request of this server uses this model")
+    allow_models: list[str] = Field(default_factory=list, description="only these models (ids or aliases)")
+
+
 class Settings(BaseSettings):
     """Effective settings. Use :func:`load_settings` to build one with clear errors."""
 
@@ -67,6 +77,13 @@ class Settings(BaseSettings):
     )
     log_dir: Path = Field(default_factory=_default_log_dir, description="log and audit files")
     log_level: str = Field("info", pattern="^(debug|info|warning|error)$", description="stderr log level")
+    servers: dict[str, ServerSettings] = Field(
+        default_factory=dict, description='per-server settings, by server name ("*" = default)'
+    )
+
+    def server(self, name: str) -> ServerSettings:
+        """The settings for server ``name``: its own table, else ``"*"``, else defaults."""
+        return self.servers.get(name) or self.servers.get("*") or ServerSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+.venv/bin/python scripts/fetch_model.py gemma3-270m >/dev/null  # the tests' second model
 # The protocol tests also run a server built with the TypeScript SDK (needs Node.js >= 18).
 if ! command -v npm >/dev/null; then
     echo "test: Node.js and npm are needed for the TypeScript-SDK server tests; install Node.js >= 18" >&2
