@@ -96,6 +96,7 @@ class ModelEntry(_Strict):
     id: str = Field(pattern=ID_PATTERN, max_length=128)
     source: str = Field(min_length=1)
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    mmproj: str | None = Field(None, min_length=1)
     family: str | None = None
     aliases: list[str] = Field(default_factory=list)
     capabilities: list[Capability] = Field(default_factory=lambda: list[Capability](["chat"]))
@@ -278,3 +279,55 @@ def resolve_model_path(model: ModelEntry, model_dir: Path) -> Path:
             "(relative paths resolve against model_dir, see `localsample config`)",
         )
     return path
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(path)
+
+
+def upsert_user_entry(path: Path, fields: dict[str, Any]) -> bool:
+    """Add or update (by id) an entry of the user's catalog, keeping the file's comments
+    and the entry's other fields; True if it existed. Validated before it is written."""
+    import tomlkit
+
+    doc = tomlkit.parse(path.read_text(encoding="utf-8")) if path.is_file() else tomlkit.document()
+    if "models" not in doc:
+        doc["models"] = tomlkit.aot()
+    models = doc["models"]
+    existing = next((table for table in models if table.get("id") == fields["id"]), None)
+    if existing is None:
+        models.append(tomlkit.item(fields))
+    else:
+        for key, value in fields.items():
+            if isinstance(value, dict) and key in existing:
+                existing[key].update(value)
+            else:
+                existing[key] = value
+    text = tomlkit.dumps(doc)
+    parse_catalog(text, str(path))
+    _write_atomically(path, text)
+    return existing is not None
+
+
+def remove_user_entry(path: Path, model_id: str) -> bool:
+    """Remove an entry from the user's catalog; True if it was there."""
+    import tomlkit
+
+    if not path.is_file():
+        return False
+    doc = tomlkit.parse(path.read_text(encoding="utf-8"))
+    models = doc.get("models")
+    if models is None:
+        return False
+    kept = [table for table in models if table.get("id") != model_id]
+    if len(kept) == len(models):
+        return False
+    fresh = tomlkit.aot()
+    for table in kept:
+        fresh.append(table)
+    doc["models"] = fresh
+    _write_atomically(path, tomlkit.dumps(doc))
+    return True

@@ -49,10 +49,8 @@ def setup_logging(level: str = "info") -> None:
     handler.setFormatter(logging.Formatter("localsample: %(levelname)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    root.setLevel(logging.WARNING)  # libraries (httpx, mcp, huggingface_hub) speak only when it matters
     logging.getLogger("localsample").setLevel(level.upper())
-    for noisy in ("httpx", "mcp", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:

@@ -9,7 +9,8 @@ message printed by the CLI or sent to an MCP server always names the fix.
     ├── CatalogError             models.toml is invalid (file, model id, field)
     ├── ModelError
     │   ├── UnknownModelError    no catalog entry with that id, alias or hint
-    │   └── ModelFileError       the GGUF is missing, unreadable or corrupt
+    │   ├── ModelFileError       the GGUF is missing, unreadable or corrupt
+    │   └── HubError             pulling from the Hugging Face hub failed
     ├── RequestError             a sampling request we refuse (MCP -32602)
     │   ├── UnsupportedContentError   image/audio/tools we cannot serve yet
     │   └── ContextOverflowError      prompt + max tokens > n_ctx (with the numbers)
@@ -69,6 +70,10 @@ class UnknownModelError(ModelError):
 
 class ModelFileError(ModelError):
     """A model's GGUF file is missing, unreadable or not a valid GGUF."""
+
+
+class HubError(ModelError):
+    """A pull from the Hugging Face hub failed: unknown repo/file, offline, disk full..."""
 
 
 class RequestError(LocalsampleError):

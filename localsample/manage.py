@@ -1,0 +1,175 @@
+"""Model management behind `localsample models`: pull, list, show, rm, import."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from localsample.catalog import HF_SOURCE, ModelEntry, remove_user_entry, resolve_model_path, upsert_user_entry
+from localsample.errors import ModelFileError
+from localsample.gguf_file import GGUFInfo, id_like, quant_from_name, read_gguf, split_parts
+from localsample.hub import cached_path, download, entry_fields, plan_pull, remove_cached
+from localsample.runtime import Runtime
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of `models list`."""
+
+    id: str
+    aliases: list[str]
+    size: int | None
+    quant: str
+    downloaded: bool
+    origin: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "aliases": self.aliases,
+            "size": self.size,
+            "quant": self.quant,
+            "status": "downloaded" if self.downloaded else "missing",
+            "catalog": self.origin,
+        }
+
+
+def local_files(runtime: Runtime, model: ModelEntry) -> list[Path]:
+    """The model's files on disk (all parts of a split model, and its mmproj); [] if missing."""
+    try:
+        first = resolve_model_path(model, runtime.settings.model_dir)
+    except ModelFileError:
+        return []
+    files = [p for p in split_parts(first) if p.exists()]
+    if model.mmproj:
+        mm = _resolve_optional(model.mmproj, runtime.settings.model_dir)
+        if mm is not None:
+            files.append(mm)
+    return files
+
+
+def _resolve_optional(source: str, model_dir: Path) -> Path | None:
+    match = HF_SOURCE.match(source)
+    if match:
+        return cached_path(match["repo"], match["file"])
+    path = Path(source).expanduser()
+    path = path if path.is_absolute() else model_dir / path
+    return path if path.is_file() else None
+
+
+def rows(runtime: Runtime) -> list[Row]:
+    result = []
+    for entry in runtime.catalog.entries:
+        model = entry.model
+        files = local_files(runtime, model)
+        size = sum(f.stat().st_size for f in files) if files else None
+        quant = quant_from_name(Path(model.source).name) or "-"
+        result.append(Row(model.id, model.aliases, size, quant, bool(files), entry.origin))
+    return result
+
+
+def details(runtime: Runtime, name: str) -> tuple[ModelEntry, GGUFInfo | None, list[Path]]:
+    model = runtime.catalog.get(name)
+    files = local_files(runtime, model)
+    info = read_gguf(files[0]) if files else None
+    return model, info, files
+
+
+@dataclass(frozen=True)
+class Pulled:
+    model_id: str
+    paths: list[Path]
+    registered: str  # "added", "updated" or "listed" (already in a catalog)
+
+
+def pull(
+    runtime: Runtime,
+    ref: str,
+    *,
+    new_id: str | None,
+    progress: bool,
+    say: Callable[[str], None],
+    revision: str | None = None,
+) -> Pulled:
+    plan = plan_pull(ref, runtime.catalog, new_id, revision)
+    paths = download(plan, progress, say)
+    if plan.existing is not None:
+        return Pulled(plan.existing.id, paths, "listed")
+    info = read_gguf(paths[0])
+    if info.is_projector:
+        raise ModelFileError(f"{paths[0]} is a vision projector, not a model", "pull the model file itself")
+    updated = upsert_user_entry(runtime.settings.catalog_path, entry_fields(plan, info))
+    assert plan.entry_id is not None
+    return Pulled(plan.entry_id, paths, "updated" if updated else "added")
+
+
+@dataclass(frozen=True)
+class Removed:
+    model_id: str
+    freed: int
+    entry_removed: bool
+    kept: list[Path]  # files outside the model store, left in place
+
+
+def removal_size(runtime: Runtime, name: str) -> tuple[ModelEntry, int]:
+    model = runtime.catalog.get(name)
+    return model, sum(f.stat().st_size for f in local_files(runtime, model))
+
+
+def remove(runtime: Runtime, name: str) -> Removed:
+    """Delete the model's files (HF cache or model store) and its user-catalog entry.
+    Files elsewhere (imported without --copy) are left where they are."""
+    model = runtime.catalog.get(name)
+    freed, kept = 0, []
+    store = runtime.settings.model_dir.resolve()
+    for path in local_files(runtime, model):
+        if "snapshots" in path.parts:
+            freed += remove_cached(path)
+        elif path.resolve().is_relative_to(store):
+            freed += path.stat().st_size
+            path.unlink()
+        else:
+            kept.append(path)
+    runtime.pool.close()
+    removed = remove_user_entry(runtime.settings.catalog_path, model.id)
+    return Removed(model.id, freed, removed, kept)
+
+
+def import_model(
+    runtime: Runtime, path: Path, *, new_id: str | None, copy: bool, mmproj: Path | None
+) -> tuple[str, bool]:
+    """Register a local GGUF (header checked); with ``copy`` it is copied into the model store."""
+    path = path.expanduser().resolve()
+    info = read_gguf(path)
+    if info.is_projector:
+        raise ModelFileError(
+            f"{path} is a vision projector (mmproj), not a model", "import the model and pass this file as --mmproj"
+        )
+    if mmproj is not None and not read_gguf(mmproj.expanduser().resolve()).is_projector:
+        raise ModelFileError(f"{mmproj} is not a vision projector", "pass the mmproj GGUF that goes with the model")
+    model_id = new_id or id_like(path.name)
+    source, projector = str(path), str(mmproj.expanduser().resolve()) if mmproj else None
+    if copy:
+        store = runtime.settings.model_dir
+        store.mkdir(parents=True, exist_ok=True)
+        for part in split_parts(path):
+            shutil.copy2(part, store / part.name)
+        source = path.name
+        if mmproj is not None:
+            shutil.copy2(mmproj, store / mmproj.name)
+            projector = mmproj.name
+    fields: dict[str, Any] = {
+        "id": model_id,
+        "source": source,
+        "family": info.architecture,
+        "description": f"{info.name or model_id}, {info.quantization}, imported from {path}",
+        "capabilities": ["chat", "vision"] if projector else ["chat"],
+        "load": {"n_ctx": min(info.context_length or 4096, 8192)},
+    }
+    if projector:
+        fields["mmproj"] = projector
+    updated = upsert_user_entry(runtime.settings.catalog_path, fields)
+    return model_id, updated
