@@ -17,6 +17,7 @@ from mcp import types
 from mcp.shared.exceptions import MCPDeprecationWarning
 
 from localsample import __version__
+from localsample.approval import TerminalApprover
 from localsample.client import NO_BACK_CHANNEL, ServerSpec, call_tool, first_cause, tool_result_text
 from localsample.engine import ChatMessage, Completion, GenerationRequest
 from localsample.errors import LocalsampleError, ServerSpecError
@@ -38,9 +39,11 @@ T = TypeVar("T")
 
 
 def _register_subcommands() -> None:
+    from localsample.cli_audit import audit_app
     from localsample.cli_models import models_app
 
     app.add_typer(models_app, name="models")
+    app.add_typer(audit_app, name="audit")
 
 
 def setup_logging(level: str = "info") -> None:
@@ -116,6 +119,7 @@ def sample(
 ) -> None:
     """Generate a reply to PROMPT locally, streaming it to stdout."""
     runtime = make_runtime()
+    handler = SamplingHandler(runtime, server="sample", ask=TerminalApprover())
 
     async def go() -> None:
         try:
@@ -127,17 +131,19 @@ def sample(
                 temperature=temperature,
                 seed=seed,
             )
-            choice = runtime.select(model=model, prefs=Preferences(hints=tuple(hint or ())))
 
             async def show(text: str, _tokens: int) -> None:
                 sys.stdout.write(text)
                 sys.stdout.flush()
 
-            completion = await runtime.complete(choice, request, None if as_json else show)
+            prefs = Preferences(hints=tuple(hint or ()))
+            completion, reason = await handler.run(
+                request, prefs, request_id="sample", on_text=None if as_json else show, model=model
+            )
         finally:
             runtime.close()
         if as_json:
-            typer.echo(json.dumps(completion_json(completion, choice.reason), indent=2))
+            typer.echo(json.dumps(completion_json(completion, reason), indent=2))
         else:
             sys.stdout.write("\n")
             typer.echo(
@@ -204,7 +210,7 @@ def call(
     except LocalsampleError as exc:
         raise fail(str(exc)) from None
     echo = None if as_json else terminal_echo(quiet)
-    handler = SamplingHandler(runtime, server=spec.name, echo=echo)
+    handler = SamplingHandler(runtime, server=spec.name, echo=echo, ask=TerminalApprover())
 
     async def go() -> types.CallToolResult:
         try:

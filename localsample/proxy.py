@@ -28,6 +28,7 @@ from mcp.server.session import ServerSession
 from mcp.shared.exceptions import MCPError
 
 from localsample import __version__
+from localsample.approval import ElicitationApprover
 from localsample.client import ServerSpec, connect_error, first_cause, make_client
 from localsample.errors import INTERNAL_ERROR, INVALID_PARAMS, ServerSpecError
 from localsample.runtime import Runtime
@@ -117,7 +118,7 @@ class Proxy:
 
     async def _hold(self, down: Downstream, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         """Keep one downstream connection open until shutdown; record why it ended."""
-        sampling = SamplingHandler(self.runtime, server=down.name)
+        sampling = SamplingHandler(self.runtime, server=down.name, ask=ElicitationApprover(lambda: self.host))
         client = make_client(
             down.spec,
             sampling,

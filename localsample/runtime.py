@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import logging
 
+from localsample.audit import AuditLog
 from localsample.catalog import Catalog, load_catalog
 from localsample.engine import Completion, GenerationRequest, OnText
 from localsample.errors import ConfigError, UnknownModelError
+from localsample.policy import Limits
 from localsample.pool import Pool
 from localsample.selection import Choice, Needs, Preferences, ServerPolicy, select
 from localsample.settings import Settings, load_settings
@@ -20,7 +22,8 @@ class Runtime:
         self.settings = settings or load_settings()
         self.catalog = catalog or load_catalog(self.settings.catalog_path)
         self.pool = Pool(self.catalog, self.settings.model_dir)
-
+        self.limits = Limits(self.settings)
+        self.audit = AuditLog.from_settings(self.settings) if self.settings.audit else None
         self._check_settings()
 
     def _check_settings(self) -> None:

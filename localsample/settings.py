@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -56,6 +56,16 @@ class ServerSettings(BaseModel):
 
     model: str | None = Field(None, description="pin: every request of this server uses this model")
     allow_models: list[str] = Field(default_factory=list, description="only these models (ids or aliases)")
+    approve: Literal["auto", "ask", "deny"] = Field("auto", description="who approves each sampling request")
+    ask_timeout: float = Field(120.0, gt=0, description="seconds to wait for a human before rejecting")
+    ask_fallback: Literal["deny", "auto"] = Field(
+        "deny", description="when approve = ask but no human can be asked (no terminal, host without elicitation)"
+    )
+    review_response: bool = Field(False, description="with approve = ask, show the response before it goes back")
+    max_tokens: int | None = Field(None, ge=1, description="cap on a request's maxTokens")
+    over_max_tokens: Literal["clamp", "reject"] = Field("clamp", description="what to do with a request over the cap")
+    requests_per_minute: int | None = Field(None, ge=1, description="sampling requests per rolling minute")
+    tokens_per_minute: int | None = Field(None, ge=1, description="generated tokens per rolling minute")
 
 
 class Settings(BaseSettings):
@@ -77,6 +87,10 @@ class Settings(BaseSettings):
     )
     log_dir: Path = Field(default_factory=_default_log_dir, description="log and audit files")
     log_level: str = Field("info", pattern="^(debug|info|warning|error)$", description="stderr log level")
+    audit: bool = Field(True, description="write one JSON line per sampling request to log_dir/audit.jsonl")
+    audit_text: bool = Field(False, description="include prompt and response text in the audit trail")
+    audit_max_bytes: int = Field(10_000_000, ge=10_000, description="rotate the audit file past this size")
+    audit_backups: int = Field(3, ge=0, description="rotated audit files kept (audit.jsonl.1 ...)")
     servers: dict[str, ServerSettings] = Field(
         default_factory=dict, description='per-server settings, by server name ("*" = default)'
     )

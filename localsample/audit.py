@@ -1,0 +1,111 @@
+"""The audit trail: one JSON line per sampling request, in ``log_dir/audit.jsonl``.
+
+Each line has: ``time`` (UTC, ISO 8601), ``server``, ``request_id``, ``protocol``,
+``decision`` (approved / rejected / error) and ``by`` (who decided), ``model`` and
+``reason`` (why that model), ``prompt_tokens``, ``completion_tokens``,
+``time_to_first_token`` and ``duration`` (seconds), ``stop_reason`` and ``error``; with
+``audit_text = true`` also ``system``, ``messages`` and ``response``.
+
+The file is created with mode 0600. When a line would take it past ``audit_max_bytes`` it
+is rotated: ``audit.jsonl`` → ``audit.jsonl.1`` → … → ``audit.jsonl.N`` (``audit_backups``),
+the oldest dropped, so the trail never takes more than (N + 1) × ``audit_max_bytes``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections import Counter, deque
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from localsample.settings import Settings
+
+
+class AuditLog:
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AuditLog:
+        return cls(
+            settings.log_dir / "audit.jsonl",
+            max_bytes=settings.audit_max_bytes,
+            backups=settings.audit_backups,
+            include_text=settings.audit_text,
+        )
+
+    def __init__(self, path: Path, *, max_bytes: int, backups: int, include_text: bool) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self.include_text = include_text
+        self._lock = threading.Lock()
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record (a failure to write is logged by the caller, never fatal)."""
+        line = json.dumps({"time": datetime.now(UTC).isoformat(timespec="milliseconds"), **record}) + "\n"
+        data = line.encode("utf-8")
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.path.exists() and self.path.stat().st_size + len(data) > self.max_bytes:
+                self._rotate()
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+
+    def _rotate(self) -> None:
+        if self.backups == 0:
+            self.path.unlink(missing_ok=True)
+            return
+        for index in range(self.backups, 0, -1):
+            older = self._rotated(index)
+            if index == self.backups:
+                older.unlink(missing_ok=True)
+            newer = self._rotated(index - 1) if index > 1 else self.path
+            if newer.exists():
+                newer.replace(older)
+
+    def _rotated(self, index: int) -> Path:
+        return self.path.with_name(f"{self.path.name}.{index}")
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        """Every record, oldest first (rotated files, then the current one)."""
+        files = [self._rotated(i) for i in range(self.backups, 0, -1)] + [self.path]
+        for file in files:
+            if not file.exists():
+                continue
+            with file.open(encoding="utf-8") as fh:
+                for line in fh:
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut short by a crash
+
+    def tail(self, count: int) -> list[dict[str, Any]]:
+        return list(deque(self.records(), maxlen=count))
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Per server: requests, by decision, tokens, mean duration, models used."""
+        result: dict[str, dict[str, Any]] = {}
+        for record in self.records():
+            entry = result.setdefault(
+                str(record.get("server")),
+                {"requests": 0, "decisions": Counter(), "prompt_tokens": 0, "completion_tokens": 0,
+                 "seconds": 0.0, "models": Counter()},
+            )
+            entry["requests"] += 1
+            entry["decisions"][record.get("decision", "?")] += 1
+            entry["prompt_tokens"] += record.get("prompt_tokens") or 0
+            entry["completion_tokens"] += record.get("completion_tokens") or 0
+            entry["seconds"] += record.get("duration") or 0.0
+            if record.get("model"):
+                entry["models"][record["model"]] += 1
+        for entry in result.values():
+            entry["decisions"] = dict(entry["decisions"])
+            entry["models"] = dict(entry["models"])
+            entry["seconds"] = round(entry["seconds"], 3)
+        return result
