@@ -104,6 +104,7 @@ class ModelEntry(_Strict):
     speed: float = Field(0.5, ge=0.0, le=1.0)
     intelligence: float = Field(0.5, ge=0.0, le=1.0)
     chat_template: str | None = Field(None, min_length=1)
+    keep_alive: float | None = Field(None, ge=-1)  # minutes; None = the keep_alive setting
     description: str | None = None
     load: LoadSettings = Field(default_factory=lambda: LoadSettings())
     defaults: SamplingDefaults = Field(default_factory=lambda: SamplingDefaults())

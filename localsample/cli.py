@@ -41,9 +41,12 @@ T = TypeVar("T")
 def _register_subcommands() -> None:
     from localsample.cli_audit import audit_app
     from localsample.cli_models import models_app
+    from localsample.cli_ops import doctor_command, ps_command
 
     app.add_typer(models_app, name="models")
     app.add_typer(audit_app, name="audit")
+    app.command("ps")(ps_command)
+    app.command("doctor")(doctor_command)
 
 
 def setup_logging(level: str = "info") -> None:

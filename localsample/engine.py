@@ -202,6 +202,16 @@ class Engine:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{model.id}")
         self.tokens_generated = 0
         """Completion tokens produced over this engine's life (read by stats and tests)."""
+        self.in_flight = 0
+        """Requests queued or running on this engine (kept by the pool, on the event loop)."""
+        self.last_used = time.monotonic()
+
+    @property
+    def size(self) -> int:
+        """Bytes of the model's file(s): what loading it maps into memory."""
+        from localsample.pool import files_size
+
+        return files_size(self.path)
 
     # -- loading ---------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ message printed by the CLI or sent to an MCP server always names the fix.
     │   ├── UnsupportedContentError   image/audio/tools we cannot serve yet
     │   └── ContextOverflowError      prompt + max tokens > n_ctx (with the numbers)
     ├── EngineError              llama.cpp failed while generating (MCP -32603)
+    │   └── BusyError            too many requests waiting for a model (MCP -32000)
     └── ServerError              a downstream MCP server failed or misbehaved
         └── ServerSpecError      a --server value we cannot parse
 
@@ -104,6 +105,12 @@ class ContextOverflowError(RequestError):
 
 class EngineError(LocalsampleError):
     """llama.cpp failed while loading or generating."""
+
+
+class BusyError(EngineError):
+    """Too many requests are already waiting for a model: retry later."""
+
+    mcp_code = -32000
 
 
 class ServerError(LocalsampleError):

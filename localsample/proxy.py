@@ -37,6 +37,8 @@ from localsample.sampling import SamplingHandler
 log = logging.getLogger(__name__)
 
 SEPARATOR = "__"
+REAP_INTERVAL = 5.0
+"""Seconds between checks for idle models whose keep-alive has run out."""
 INVALID_REQUEST = -32600
 METHOD_NOT_FOUND = -32601
 Ctx = ServerRequestContext[Any, Any]
@@ -146,8 +148,18 @@ class Proxy:
             down.gone = down.gone or "it was shut down"
 
     async def serve(self, run_host: Callable[[], Awaitable[None]]) -> None:
-        """Connect every downstream server, serve the host, then disconnect."""
+        """Preload models, connect every downstream server, serve the host, then stop."""
+        self.runtime.publishing = True
+        background = anyio.CancelScope()  # preload and keep-alive: stopped when the host leaves
+
+        async def housekeeping() -> None:
+            with background:
+                async with anyio.create_task_group() as tasks:
+                    tasks.start_soon(self._preload)
+                    tasks.start_soon(self._reap_forever)
+
         async with anyio.create_task_group() as group:
+            group.start_soon(housekeeping)
             for down in self.downstreams:
                 await group.start(self._hold, down)
             if len(self.downstreams) == 1 and self.downstreams[0].client is not None:
@@ -157,6 +169,18 @@ class Proxy:
             finally:
                 for down in self.downstreams:
                     down.stop.set()
+                background.cancel()
+
+    async def _preload(self) -> None:
+        try:
+            await self.runtime.preload()
+        except Exception as exc:  # a model that fails to load must not stop the proxy
+            log.error("preloading failed: %s", exc)
+
+    async def _reap_forever(self) -> None:
+        while True:
+            await anyio.sleep(REAP_INTERVAL)
+            self.runtime.reap()
 
     def init_options(self) -> Any:
         changes = NotificationOptions(prompts_changed=True, resources_changed=True, tools_changed=True)

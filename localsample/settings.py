@@ -44,6 +44,10 @@ def _default_model_dir() -> Path:
     return Path(platformdirs.user_data_dir(APP)) / "models"
 
 
+def _default_state_dir() -> Path:
+    return Path(platformdirs.user_state_dir(APP))
+
+
 def _default_log_dir() -> Path:
     return Path(platformdirs.user_log_dir(APP))
 
@@ -86,7 +90,21 @@ class Settings(BaseSettings):
         description="model store; relative `source` paths in catalogs resolve against it",
     )
     log_dir: Path = Field(default_factory=_default_log_dir, description="log and audit files")
+    state_dir: Path = Field(default_factory=_default_state_dir, description="status of running daemons, for `ps`")
     log_level: str = Field("info", pattern="^(debug|info|warning|error)$", description="stderr log level")
+    preload: list[str] | None = Field(
+        None, description="models `serve` loads at start (default: the default model); [] loads none"
+    )
+    keep_alive: float = Field(
+        5.0, ge=-1, description="minutes an idle model stays loaded (0 = unload after use, -1 = forever)"
+    )
+    max_loaded_models: int = Field(2, ge=1, description="most models loaded at once (least recently used go first)")
+    memory_budget_mb: int | None = Field(
+        None, ge=1, description="most memory for loaded models, in MB (default: 3/4 of the machine's RAM)"
+    )
+    queue_limit: int = Field(
+        16, ge=1, description="requests waiting for one model beyond which new ones get 'busy, retry later'"
+    )
     audit: bool = Field(True, description="write one JSON line per sampling request to log_dir/audit.jsonl")
     audit_text: bool = Field(False, description="include prompt and response text in the audit trail")
     audit_max_bytes: int = Field(10_000_000, ge=10_000, description="rotate the audit file past this size")

@@ -11,6 +11,9 @@
    request, localsample answers it, the server times the round trip; vs the engine alone
    on the same request sequence (prompt cached after the first round, on both sides).
    Prints the throughput ratio and the latency localsample and MCP add per request.
+3. 1, 2, 4, 8 requests at once vs one after another: aggregate tokens/s, p50/p95 latency.
+4. Time to first token with a ~1000-token system prompt: cold vs already evaluated.
+5. Resident memory with the model loaded.
 Each side runs in a process of its own and rounds alternate, so drift hits all alike.
 Medians over R rounds. Both load the model with the catalog's settings.
 
@@ -220,6 +223,94 @@ def main() -> None:
         f"{'added latency ms (4 tokens)':28}{short_alone * 1e3:>10.1f}{short_e2e * 1e3:>10.1f}"
         f"{(short_e2e - short_alone) * 1e3:>8.1f}   (aim <= 15)"
     )
+    concurrency_section(model.id, 64)
+    cache_and_memory_section(model.id)
+
+
+def concurrency_section(model_id: str, tokens: int) -> None:
+    """(b) N requests at once vs the same N one after another: aggregate tokens/s, latency."""
+    runtime = Runtime()
+    choice = runtime.select(model=model_id)
+
+    def request(i: int) -> GenerationRequest:
+        return GenerationRequest(
+            messages=[ChatMessage("user", f"Request {i}: {PROMPT}")], system=SYSTEM, max_tokens=tokens,
+            temperature=0.0, **METADATA,
+        )
+
+    async def timed(i: int, latencies: list[float]) -> int:
+        started = time.perf_counter()
+        result = await runtime.complete(choice, request(i))
+        latencies.append(time.perf_counter() - started)
+        return result.completion_tokens
+
+    async def together(n: int) -> tuple[float, list[float]]:
+        latencies: list[float] = []
+        counts: list[int] = []
+        started = time.perf_counter()
+        async with anyio.create_task_group() as group:
+            for i in range(n):
+                group.start_soon(lambda i=i: _collect(timed(i, latencies), counts))
+        return sum(counts) / (time.perf_counter() - started), latencies
+
+    async def serial(n: int) -> float:
+        started, total = time.perf_counter(), 0
+        for i in range(n):
+            total += await timed(i, [])
+        return total / (time.perf_counter() - started)
+
+    print(f"\n3. concurrent requests, {tokens} tokens each (aggregate tokens/s; latency per request)")
+    print(f"{'requests':>10}{'serial':>10}{'together':>10}{'ratio':>8}{'p50 s':>8}{'p95 s':>8}")
+    anyio.run(serial, 1)  # warm up
+    for n in (1, 2, 4, 8):
+        alone = anyio.run(serial, n)
+        agg, lat = anyio.run(together, n)
+        lat.sort()
+        p95 = lat[min(len(lat) - 1, round(0.95 * (len(lat) - 1)))]
+        note = "   (target >= 2.0)" if n == 4 else ""
+        print(f"{n:>10}{alone:>10.1f}{agg:>10.1f}{agg / alone:>8.2f}{statistics.median(lat):>8.2f}{p95:>8.2f}{note}")
+    runtime.close()
+
+
+async def _collect(job: Any, into: list[int]) -> None:
+    into.append(await job)
+
+
+def cache_and_memory_section(model_id: str) -> None:
+    """(c) TTFT with a ~1000-token system prompt, cold vs already evaluated; (d) memory."""
+    runtime = Runtime()
+    engine = runtime.pool.engine(runtime.catalog.get(model_id))
+    before = rss_mb()
+    asyncio.run(engine.ensure_loaded())
+    loaded = rss_mb()
+    system = " ".join(f"Rule {i}: answer politely, briefly and truthfully, and cite the rule." for i in range(60))
+
+    async def ttft(user: str, cold: bool) -> tuple[float, int]:
+        if cold:
+            engine.load().reset()
+        req = GenerationRequest(messages=[ChatMessage("user", user)], system=system, max_tokens=2, temperature=0.0)
+        result = await engine.generate(req)
+        return result.time_to_first_token, result.prompt_tokens
+
+    cold, cached = [], []
+    for i in range(5):
+        cold.append(asyncio.run(ttft(f"Question {i}: what is rule 3?", cold=True))[0])
+        cached.append(asyncio.run(ttft(f"Question {i + 10}: and rule 7?", cold=False))[0])
+    prompt_tokens = asyncio.run(ttft("x", cold=False))[1]
+    cold_ms, cached_ms = statistics.median(cold) * 1e3, statistics.median(cached) * 1e3
+    print(f"\n4. time to first token, {prompt_tokens}-token prompt sharing its system prompt")
+    print(f"{'cold ms':>12}{'cached ms':>12}{'ratio':>8}")
+    print(f"{cold_ms:>12.1f}{cached_ms:>12.1f}{cached_ms / cold_ms:>8.3f}   (target <= 0.25)")
+    print(f"\n5. resident memory: {before:.0f} MB before loading, {loaded:.0f} MB with the model loaded")
+    runtime.close()
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def run_sides(targets: dict[str, Callable[[str, Connection], None]], model_id: str, args: Any) -> dict[str, list[Any]]:

@@ -40,6 +40,7 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("LOCALSAMPLE_CATALOG_PATH", str(tmp_path / "models.toml"))
     monkeypatch.setenv("LOCALSAMPLE_MODEL_DIR", str(real_model_dir()))
     monkeypatch.setenv("LOCALSAMPLE_LOG_DIR", str(tmp_path / "logs"))
+    monkeypatch.setenv("LOCALSAMPLE_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return tmp_path
 
