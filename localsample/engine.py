@@ -14,10 +14,10 @@ by the next one.
 from __future__ import annotations
 
 import asyncio
-import codecs
+import contextlib
 import ctypes
+import io
 import logging
-import random
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 
+from localsample.batch import Batcher
 from localsample.catalog import ModelEntry
-from localsample.errors import ContextOverflowError, EngineError, ModelFileError, RequestError
+from localsample.errors import ModelFileError, RequestError
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -43,9 +44,6 @@ OnText = Callable[[str, int], Awaitable[None]]
 
 STREAM_INTERVAL = 0.05
 """Seconds between deliveries of streamed text to the event loop (about 20 a second)."""
-
-MIN_PROMPT_EVAL = 2
-"""Prompt tokens always evaluated afresh, even when the whole prompt is cached."""
 
 # llama-cpp-python's own defaults for create_completion, used when neither the request
 # nor the catalog entry sets a value.
@@ -191,10 +189,12 @@ class _TextChannel:
 class Engine:
     """A catalog entry's GGUF, loaded lazily on first use."""
 
-    def __init__(self, model: ModelEntry, path: Path) -> None:
+    def __init__(self, model: ModelEntry, path: Path, slots: int = 4) -> None:
         self.model = model
         self.path = path
+        self.slots = slots
         self._llama: Llama | None = None
+        self._batcher: Batcher | None = None
         self._template: Any = None
         self._pieces: dict[int, bytes] = {}
         self._load_lock = threading.Lock()
@@ -220,8 +220,10 @@ class Engine:
         return self._llama is not None
 
     async def ensure_loaded(self) -> None:
-        """Load the model on the engine's thread without blocking the event loop."""
-        await asyncio.get_running_loop().run_in_executor(self._thread, self.load)
+        """Load the model on the engine's thread without blocking the event loop. Returns at
+        once when it is loaded (the thread may be busy running the batch loop)."""
+        if self._llama is None:
+            await asyncio.get_running_loop().run_in_executor(self._thread, self.load)
 
     def load(self) -> Llama:
         """Load the model (blocking). Idempotent. Prefer the engine's thread: see above."""
@@ -235,8 +237,15 @@ class Engine:
         from llama_cpp import Llama, llama_chat_format
 
         started = time.perf_counter()
+        kwargs = self.model.load.llama_kwargs() | {"n_ctx": 64}  # generation runs in the batcher's context
+        quiet_llama_logs()
         try:
-            llama = Llama(model_path=str(self.path), verbose=False, **self.model.load.llama_kwargs())
+            # verbose=False would make llama-cpp-python point the process's stdout and stderr
+            # (fds 1 and 2) at /dev/null while the model loads: in `serve`, fd 1 is the MCP
+            # channel, and whatever another thread wrote meanwhile was lost (a host's reply,
+            # seen as a hang). Its chatter goes to the Python-level stderr, silenced here.
+            with contextlib.redirect_stderr(io.StringIO()):
+                llama = Llama(model_path=str(self.path), verbose=True, **kwargs)
         except (ValueError, RuntimeError) as exc:
             raise ModelFileError(
                 f"llama.cpp could not load {self.path} for model '{self.model.id}': {exc}",
@@ -257,6 +266,7 @@ class Engine:
             eos_token=vocab.token_get_text(eos) if eos != -1 else "",
             bos_token=vocab.token_get_text(bos) if bos != -1 else "",
         )
+        self._batcher = Batcher(self, llama, self.slots)
         log.info("loaded %s from %s in %.2fs", self.model.id, self.path, time.perf_counter() - started)
         return llama
 
@@ -264,10 +274,24 @@ class Engine:
         self._thread.shutdown(wait=True, cancel_futures=True)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{self.model.id}")
         with self._load_lock, self._run_lock:
+            if self._batcher is not None:
+                self._batcher.close()
+                self._batcher = None
             if self._llama is not None:
                 self._llama.close()
                 self._llama = None
                 self._pieces.clear()
+
+    async def reset_cache(self) -> None:
+        """Forget every cached prompt (the next request evaluates its whole prompt)."""
+
+        def reset() -> None:
+            if self._batcher is not None:
+                for slot in self._batcher.slots:
+                    self._batcher.L.llama_memory_seq_rm(self._batcher.memory, slot.seq, -1, -1)
+                    slot.tokens = []
+
+        await asyncio.get_running_loop().run_in_executor(self._thread, reset)
 
     # -- generation ------------------------------------------------------------------
 
@@ -278,10 +302,12 @@ class Engine:
         first piece at once). Cancelling the calling task stops the worker within one
         token; this coroutine returns only once the worker has let go of the model.
         """
+        await self.ensure_loaded()
+        assert self._batcher is not None
         loop = asyncio.get_running_loop()
         channel = _TextChannel(loop)
         run = _Run(request, channel.put)
-        worker = loop.run_in_executor(self._thread, self._generate_blocking, run)
+        worker = asyncio.wrap_future(self._batcher.submit(run))
         worker.add_done_callback(lambda _: channel.wake.set())
         try:
             while True:
@@ -348,78 +374,26 @@ class Engine:
             self._pieces[token] = piece
         return piece
 
-    def _generate_blocking(self, run: _Run) -> Completion:
-        request = run.request
-        with self._run_lock:
-            if run.cancel.is_set():
-                raise EngineError("generation cancelled before it started")
-            llama = self.load()
-            started = time.perf_counter()
-            prompt = self._prompt_tokens(llama, request)
-            n_ctx = llama.n_ctx()
-            if len(prompt) + request.max_tokens > n_ctx:
-                raise ContextOverflowError(
-                    prompt_tokens=len(prompt), max_tokens=request.max_tokens, n_ctx=n_ctx, model_id=self.model.id
-                )
-            seed = request.seed if request.seed is not None else self.model.defaults.seed
-            llama.set_seed(seed if seed is not None else random.getrandbits(31))
-            from llama_cpp import llama_vocab_is_eog
 
-            vocab = llama._model.vocab
-            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            matcher = StopMatcher(request.stop)
-            parts: list[str] = []
-            stop_reason: StopReason = "maxTokens"
-            stop_sequence: str | None = None
-            first_token_at: float | None = None
-            count = 0
-            # llama.cpp computes a one-token batch with other kernels than a longer one, and
-            # the KV values differ in the last bits: re-evaluating only the prompt's last
-            # token (what generate() does for a fully cached prompt) can flip a greedy
-            # choice. Re-evaluating at least two keeps a repeated prompt's output the same.
-            llama.n_tokens = min(llama.n_tokens, max(len(prompt) - MIN_PROMPT_EVAL, 0))
-            tokens = llama.generate(prompt, **self._sampling(request))
-            try:
-                for token in tokens:
-                    if first_token_at is None:
-                        first_token_at = time.perf_counter()
-                    if llama_vocab_is_eog(vocab, token):
-                        stop_reason = "endTurn"
-                        break
-                    count += 1
-                    self.tokens_generated += 1
-                    text, stop_sequence = matcher.feed(decoder.decode(self._piece(llama, token)))
-                    if text:
-                        parts.append(text)
-                        run.emit(text, count)
-                    if stop_sequence is not None:
-                        stop_reason = "stopSequence"
-                        break
-                    if count >= request.max_tokens or run.cancel.is_set():
-                        break
-            except Exception as exc:
-                raise EngineError(
-                    f"llama.cpp failed while generating with '{self.model.id}': {exc}",
-                    "retry the request; if it keeps failing, lower n_ctx or n_batch in the catalog",
-                ) from exc
-            finally:
-                tokens.close()
-            if stop_sequence is None:
-                tail = matcher.flush() + decoder.decode(b"", final=True)
-                if tail:
-                    parts.append(tail)
-                    run.emit(tail, count)
-            finished = time.perf_counter()
-            return Completion(
-                text="".join(parts),
-                model=self.model.id,
-                stop_reason=stop_reason,
-                stop_sequence=stop_sequence,
-                prompt_tokens=len(prompt),
-                completion_tokens=count,
-                time_to_first_token=(first_token_at or finished) - started,
-                duration=finished - started,
-            )
+_LOG_CALLBACK: Any = None
+
+
+def quiet_llama_logs() -> None:
+    """Send llama.cpp's own log lines to our logger: errors as warnings, the rest at debug
+    (its default callback prints them to stderr)."""
+    global _LOG_CALLBACK
+    if _LOG_CALLBACK is not None:
+        return
+    import llama_cpp
+
+    @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
+    def forward(level: int, text: bytes, _user_data: Any) -> None:
+        message = text.decode("utf-8", errors="replace").rstrip()
+        if message:
+            log.log(logging.WARNING if level == 3 else logging.DEBUG, "llama.cpp: %s", message)
+
+    _LOG_CALLBACK = forward  # keep a reference: llama.cpp holds only the C pointer
+    llama_cpp.llama_log_set(forward, ctypes.c_void_p(0))
 
 
 GGUF_MAGIC = b"GGUF"

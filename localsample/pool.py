@@ -56,7 +56,7 @@ class Pool:
         with self._lock:
             engine = self._engines.get(model.id)
             if engine is None or engine.model != model:
-                engine = Engine(model, resolve_model_path(model, self.model_dir))
+                engine = Engine(model, resolve_model_path(model, self.model_dir), slots=self.settings.parallel)
                 self._engines[model.id] = engine
             return engine
 

@@ -84,7 +84,6 @@ def bench_raw(llama: Llama, max_tokens: int) -> Sample:
 
 
 def bench_engine(engine: Engine, max_tokens: int) -> Sample:
-    engine.load().reset()
     request = engine_request(max_tokens)
     times: list[float] = []
 
@@ -92,6 +91,7 @@ def bench_engine(engine: Engine, max_tokens: int) -> Sample:
         times.append(time.perf_counter())
 
     async def run() -> Sample:
+        await engine.reset_cache()
         started = time.perf_counter()
         result = await engine.generate(request, on_text)
         if result.completion_tokens != max_tokens:
@@ -287,7 +287,7 @@ def cache_and_memory_section(model_id: str) -> None:
 
     async def ttft(user: str, cold: bool) -> tuple[float, int]:
         if cold:
-            engine.load().reset()
+            await engine.reset_cache()
         req = GenerationRequest(messages=[ChatMessage("user", user)], system=system, max_tokens=2, temperature=0.0)
         result = await engine.generate(req)
         return result.time_to_first_token, result.prompt_tokens

@@ -45,7 +45,7 @@ async def test_greedy_output_is_identical_across_runs_and_streams_whole(engine: 
 async def test_a_fully_cached_prompt_gives_the_fresh_greedy_output(engine: Engine) -> None:
     """Regression: re-evaluating only the last prompt token used other llama.cpp kernels
     and flipped this prompt's third token."""
-    engine.load().reset()
+    await engine.reset_cache()
     fresh = await engine.generate(greedy(HI, max_tokens=60))
     again = await engine.generate(greedy(HI, max_tokens=60))
     assert again.text == fresh.text

@@ -1,0 +1,373 @@
+"""Continuous batching: concurrent requests on one model decode together.
+
+One llama.cpp context holds several sequences ("slots") in one KV cache. A loop on the
+engine's thread repeats a step while there is work:
+
+1. admit waiting requests into slots: the idle slot whose cached tokens share the
+   longest prefix with the new prompt (prefix reuse, also across interleaving servers),
+   else an empty slot, else the least recently used idle one; a request waits while the
+   KV cache cannot hold its prompt + maxTokens beside the running ones;
+2. evaluate at most one chunk of one new prompt, on its own (so its KV values are the
+   ones a solo run computes: llama.cpp's kernels differ with the batch shape);
+3. decode one token for every generating request in one batch (one row each; measured:
+   a row's logits are bit-identical whatever else is in the batch), sample each with its
+   own sampler chain, stream, and finish the requests that end.
+
+Every generating request advances one token per step, so none starves, and a new one
+starts at the next step. Cancellation is checked every step and frees the slot at once.
+"""
+
+from __future__ import annotations
+
+import codecs
+import random
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from localsample.errors import ContextOverflowError, EngineError
+
+if TYPE_CHECKING:
+    from llama_cpp import Llama
+
+    from localsample.engine import Completion, Engine, StopReason, _Run
+
+MIN_PROMPT_EVAL = 2
+"""Prompt tokens always evaluated afresh, even when the whole prompt is cached: a
+one-token batch runs other kernels, and its KV values can flip a later greedy choice."""
+
+
+MIN_REUSE = 32
+"""Shared prompt tokens worth reusing a slot's cache for (or half the prompt, if less)."""
+
+
+class Cancelled(Exception):
+    """The request was cancelled while waiting or generating."""
+
+
+@dataclass
+class Active:
+    """One request in a slot."""
+
+    run: _Run
+    future: Future[Completion]
+    prompt: list[int]
+    pending: list[int]  # prompt tokens still to evaluate
+    sampler: Any
+    started: float
+    matcher: Any
+    decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
+    parts: list[str] = field(default_factory=list)
+    count: int = 0
+    next_token: int | None = None
+    first_token_at: float | None = None
+
+
+@dataclass
+class Slot:
+    seq: int
+    tokens: list[int] = field(default_factory=list)  # what this sequence's KV cache holds
+    active: Active | None = None
+    last_used: float = 0.0
+
+
+class Batcher:
+    """The scheduler over one context of ``slots`` sequences (see the module doc)."""
+
+    def __init__(self, engine: Engine, llama: Llama, slots: int) -> None:
+        import llama_cpp
+
+        self.L = llama_cpp
+        self.engine = engine
+        self.llama = llama
+        load = engine.model.load.llama_kwargs()
+        self.n_ctx = engine.model.load.n_ctx
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = self.n_ctx
+        params.n_batch = load["n_batch"]
+        params.n_ubatch = load["n_ubatch"]
+        params.n_seq_max = slots
+        params.n_threads = load["n_threads"]
+        params.n_threads_batch = load["n_threads_batch"]
+        params.kv_unified = True
+        params.offload_kqv = load["offload_kqv"]
+        for name in ("type_k", "type_v"):
+            if name in load:
+                setattr(params, name, load[name])
+        if load.get("flash_attn"):
+            params.flash_attn_type = 1
+        self.ctx = llama_cpp.llama_init_from_model(llama._model.model, params)
+        if not self.ctx:
+            raise EngineError(f"llama.cpp could not create a context for '{engine.model.id}'", "lower n_ctx")
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.n_batch = load["n_batch"]
+        self.batch = llama_cpp.llama_batch_init(max(self.n_batch, slots), 0, 1)
+        self.vocab = llama._model.vocab
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.slots = [Slot(seq) for seq in range(slots)]
+        self.waiting: deque[tuple[_Run, Future[Completion]]] = deque()
+        self.lock = threading.Lock()
+        self.running = False
+        self.widest_step = 0  # most requests decoded in one step (stats, tests)
+        self.prompt_tokens_evaluated = 0  # prompt tokens computed, cache hits excluded
+
+    # -- from the event loop -----------------------------------------------------------
+
+    def submit(self, run: _Run) -> Future[Completion]:
+        """Queue a request; the loop is started on the engine's thread if it is idle."""
+        future: Future[Completion] = Future()
+        with self.lock:
+            self.waiting.append((run, future))
+            start = not self.running
+            self.running = True
+        if start:
+            self.engine._thread.submit(self._loop)
+        return future
+
+    # -- on the engine's thread ------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while self._step():
+                pass
+        except BaseException as exc:  # fail every request rather than hang them
+            error = EngineError(f"llama.cpp failed while generating with '{self.engine.model.id}': {exc}",
+                                "retry the request; if it keeps failing, lower n_ctx or n_batch in the catalog")
+            for slot in self.slots:
+                if slot.active is not None:
+                    self._finish(slot, error=error)
+            with self.lock:
+                waiting, self.waiting = list(self.waiting), deque()
+                self.running = False
+            for _, future in waiting:
+                future.set_exception(error)
+
+    def _step(self) -> bool:
+        self._admit()
+        for slot in self.slots:
+            active = slot.active
+            if active is not None and active.run.cancel.is_set():
+                self._finish(slot, error=Cancelled())
+        prompting = next((s for s in self.slots if s.active is not None and s.active.pending), None)
+        if prompting is not None:
+            self._eval_prompt(prompting)
+        generating = [s for s in self.slots if s.active is not None and not s.active.pending]
+        if generating:
+            self._decode(generating)
+        with self.lock:
+            busy = any(s.active is not None for s in self.slots) or bool(self.waiting)
+            if not busy:
+                self.running = False
+            return busy
+
+    def _reserved(self) -> int:
+        return sum(len(s.active.prompt) + s.active.run.request.max_tokens for s in self.slots if s.active)
+
+    def _admit(self) -> None:
+        while True:
+            with self.lock:
+                if not self.waiting:
+                    return
+                run, future = self.waiting[0]
+            if run.cancel.is_set():
+                with self.lock:
+                    self.waiting.popleft()
+                future.set_exception(Cancelled())
+                continue
+            try:
+                prompt = self.engine._prompt_tokens(self.llama, run.request)
+                if len(prompt) + run.request.max_tokens > self.n_ctx:
+                    raise ContextOverflowError(prompt_tokens=len(prompt), max_tokens=run.request.max_tokens,
+                                               n_ctx=self.n_ctx, model_id=self.engine.model.id)
+            except Exception as exc:
+                with self.lock:
+                    self.waiting.popleft()
+                future.set_exception(exc)
+                continue
+            slot = self._choose_slot(prompt)
+            if slot is None:
+                return  # every slot busy, or no room in the KV cache yet: it waits its turn
+            with self.lock:
+                self.waiting.popleft()
+            try:
+                self._start(slot, run, future, prompt)
+            except Exception as exc:  # the request is in no queue now: fail it, never lose it
+                slot.active = None
+                future.set_exception(exc)
+
+    def _choose_slot(self, prompt: list[int]) -> Slot | None:
+        idle = [s for s in self.slots if s.active is None]
+        if not idle:
+            return None
+        needed = self._reserved()
+        if needed + len(prompt) + 1 > self.n_ctx and any(s.active for s in self.slots):
+            return None
+
+        def shared(slot: Slot) -> int:
+            n = 0
+            for a, b in zip(slot.tokens, prompt, strict=False):
+                if a != b:
+                    break
+                n += 1
+            return n
+
+        # Reuse a slot's cache only for a real shared prefix; a few template tokens in common
+        # are not worth destroying another conversation's cache: take an empty slot, else
+        # the least recently used one.
+        best = max(idle, key=shared)
+        if shared(best) < min(MIN_REUSE, len(prompt) // 2):
+            best = min(idle, key=lambda s: (bool(s.tokens), s.last_used))
+        # Make room in the unified KV cache: drop other idle slots' cached tokens as needed.
+        held = sum(len(s.tokens) for s in self.slots if s.active is None and s is not best)
+        for other in sorted(idle, key=lambda s: s.last_used):
+            if other is best or needed + held + len(prompt) <= self.n_ctx:
+                continue
+            self.L.llama_memory_seq_rm(self.memory, other.seq, -1, -1)
+            held -= len(other.tokens)
+            other.tokens = []
+        return best
+
+    def _start(self, slot: Slot, run: _Run, future: Future[Completion], prompt: list[int]) -> None:
+        from localsample.engine import StopMatcher
+
+        reuse = 0
+        for a, b in zip(slot.tokens, prompt, strict=False):
+            if a != b:
+                break
+            reuse += 1
+        reuse = min(reuse, max(len(prompt) - MIN_PROMPT_EVAL, 0))
+        self.L.llama_memory_seq_rm(self.memory, slot.seq, reuse, -1)
+        slot.tokens = prompt[:reuse]
+        slot.active = Active(
+            run=run,
+            future=future,
+            prompt=prompt,
+            pending=prompt[reuse:],
+            sampler=self._sampler(run),
+            started=time.perf_counter(),
+            matcher=StopMatcher(run.request.stop),
+        )
+
+    def _sampler(self, run: _Run) -> Any:
+        """A sampler chain in llama-cpp-python's order, so results match its generate()."""
+        L = self.L
+        s = self.engine._sampling(run.request)
+        seed = run.request.seed if run.request.seed is not None else self.engine.model.defaults.seed
+        chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        penalties = L.llama_sampler_init_penalties(self.n_vocab, 64, s["repeat_penalty"], 0.0, 0.0)
+        L.llama_sampler_chain_add(chain, penalties)
+        if s["temp"] == 0:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
+        else:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(s["top_k"]))
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_typical(1.0, 1))
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(s["top_p"], 1))
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_min_p(s["min_p"], 1))
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(s["temp"]))
+            seed = seed if seed is not None else random.getrandbits(31)
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed))
+        return chain
+
+    def _fill(self, rows: list[tuple[int, int, int, bool]]) -> None:
+        batch = self.batch
+        batch.n_tokens = len(rows)
+        for i, (token, pos, seq, logits) in enumerate(rows):
+            batch.token[i] = token
+            batch.pos[i] = pos
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq
+            batch.logits[i] = logits
+        status = self.L.llama_decode(self.ctx, batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode returned {status}")
+
+    def _eval_prompt(self, slot: Slot) -> None:
+        active = slot.active
+        assert active is not None
+        chunk = active.pending[: self.n_batch]
+        start = len(slot.tokens)
+        last = len(chunk) == len(active.pending)
+        self._fill([(tok, start + i, slot.seq, last and i == len(chunk) - 1) for i, tok in enumerate(chunk)])
+        self.prompt_tokens_evaluated += len(chunk)
+        slot.tokens.extend(chunk)
+        active.pending = active.pending[len(chunk):]
+        if last:
+            self._take(slot, len(chunk) - 1)
+
+    def _decode(self, slots: list[Slot]) -> None:
+        rows = []
+        for slot in slots:
+            active = slot.active
+            assert active is not None and active.next_token is not None
+            rows.append((active.next_token, len(slot.tokens), slot.seq, True))
+            slot.tokens.append(active.next_token)
+        self._fill(rows)
+        self.widest_step = max(self.widest_step, len(rows))
+        for index, slot in enumerate(slots):
+            self._take(slot, index)
+
+    def _take(self, slot: Slot, index: int) -> None:
+        """Sample the next token of the slot's request from batch row ``index``."""
+        active = slot.active
+        assert active is not None
+        token = self.L.llama_sampler_sample(active.sampler, self.ctx, index)
+        if active.first_token_at is None:
+            active.first_token_at = time.perf_counter()
+        request = active.run.request
+        if self.L.llama_vocab_is_eog(self.vocab, token):
+            return self._finish(slot, "endTurn")
+        active.count += 1
+        self.engine.tokens_generated += 1
+        text, stop = active.matcher.feed(active.decoder.decode(self.engine._piece(self.llama, token)))
+        if text:
+            active.parts.append(text)
+            active.run.emit(text, active.count)
+        if stop is not None:
+            return self._finish(slot, "stopSequence", stop)
+        if active.count >= request.max_tokens:
+            return self._finish(slot, "maxTokens")
+        if active.run.cancel.is_set():
+            return self._finish(slot, error=Cancelled())
+        active.next_token = token
+
+    def _finish(
+        self, slot: Slot, reason: StopReason | None = None, stop: str | None = None, error: BaseException | None = None
+    ) -> None:
+        from localsample.engine import Completion
+
+        active = slot.active
+        assert active is not None
+        slot.active = None
+        slot.last_used = time.monotonic()
+        self.L.llama_sampler_free(active.sampler)
+        if error is not None or reason is None:
+            active.future.set_exception(error or Cancelled())
+            return
+        if stop is None:
+            tail = active.matcher.flush() + active.decoder.decode(b"", final=True)
+            if tail:
+                active.parts.append(tail)
+                active.run.emit(tail, active.count)
+        finished = time.perf_counter()
+        active.future.set_result(
+            Completion(
+                text="".join(active.parts),
+                model=self.engine.model.id,
+                stop_reason=reason,
+                stop_sequence=stop,
+                prompt_tokens=len(active.prompt),
+                completion_tokens=active.count,
+                time_to_first_token=(active.first_token_at or finished) - active.started,
+                duration=finished - active.started,
+            )
+        )
+
+    def close(self) -> None:
+        """Free the context (call on the engine's thread, with no loop running)."""
+        if self.ctx:
+            self.L.llama_batch_free(self.batch)
+            self.L.llama_free(self.ctx)
+            self.ctx = None

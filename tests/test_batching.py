@@ -1,0 +1,146 @@
+"""Concurrent requests on one real model: decoded together, each exactly as it would be
+alone; fair; cancellable inside a running batch; prefixes reused across interleaving
+requests. And a model load never swallows what other threads write to stdout."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from localsample.engine import ChatMessage, Engine, GenerationRequest
+
+from .conftest import small_entry
+
+pytestmark = pytest.mark.anyio
+
+PROMPTS = [
+    "Say hello in one short sentence.",
+    "Write a long story about a lighthouse keeper and the sea.",
+    "List three fruits and their colours.",
+    "Explain what a compiler does.",
+]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def greedy(text: str, max_tokens: int = 48, system: str | None = None) -> GenerationRequest:
+    messages = [ChatMessage("user", text)]
+    return GenerationRequest(messages=messages, max_tokens=max_tokens, temperature=0.0, system=system)
+
+
+@pytest.fixture
+def fresh(model_dir: Path) -> Engine:
+    entry = small_entry()
+    return Engine(entry, model_dir / entry.source, slots=4)
+
+
+async def test_concurrent_requests_decode_together_and_match_their_solo_runs(fresh: Engine) -> None:
+    solo = []
+    for prompt in PROMPTS:
+        await fresh.reset_cache()
+        solo.append((await fresh.generate(greedy(prompt))).text)
+    await fresh.reset_cache()
+    together: dict[int, str] = {}
+
+    async def one(i: int) -> None:
+        together[i] = (await fresh.generate(greedy(PROMPTS[i]))).text
+
+    async with anyio.create_task_group() as group:
+        for i in range(len(PROMPTS)):
+            group.start_soon(one, i)
+    assert [together[i] for i in range(len(PROMPTS))] == solo
+    assert fresh._batcher is not None and fresh._batcher.widest_step == len(PROMPTS)  # really batched
+    fresh.close()
+
+
+async def test_a_short_request_starts_while_a_long_one_runs(fresh: Engine) -> None:
+    stamps: dict[str, float] = {}
+
+    async def long() -> None:
+        story = "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle."
+        result = await fresh.generate(greedy(story, max_tokens=150, system="You are a storyteller."))
+        stamps["long_done"] = time.perf_counter()
+        assert result.stop_reason == "maxTokens"  # it really was still running
+
+    async def short_first_text(_text: str, _tokens: int) -> None:
+        stamps.setdefault("short_first", time.perf_counter())
+
+    await fresh.ensure_loaded()
+    async with anyio.create_task_group() as group:
+        group.start_soon(long)
+        await anyio.sleep(0.3)
+        await fresh.generate(greedy(PROMPTS[0], max_tokens=5), short_first_text)
+        stamps["short_done"] = time.perf_counter()
+    assert stamps["short_first"] < stamps["short_done"] < stamps["long_done"]
+    fresh.close()
+
+
+async def test_cancelling_one_request_inside_a_batch_leaves_the_other_intact(fresh: Engine) -> None:
+    expected = (await fresh.generate(greedy(PROMPTS[2], max_tokens=60))).text
+    await fresh.reset_cache()
+    result: dict[str, str] = {}
+    with anyio.CancelScope() as doomed:
+
+        async def victim(_text: str, tokens: int) -> None:
+            if tokens >= 5:
+                doomed.cancel()
+
+        async with anyio.create_task_group() as group:
+
+            async def survivor() -> None:
+                with anyio.CancelScope(shield=True):
+                    result["text"] = (await fresh.generate(greedy(PROMPTS[2], max_tokens=60))).text
+
+            group.start_soon(survivor)
+            await fresh.generate(greedy(PROMPTS[1], max_tokens=500), victim)
+    assert doomed.cancelled_caught
+    with anyio.fail_after(30):
+        while "text" not in result:
+            await anyio.sleep(0.05)
+    assert result["text"] == expected
+    assert fresh._batcher is not None
+    assert all(slot.active is None for slot in fresh._batcher.slots)  # the slot was freed
+    fresh.close()
+
+
+async def test_interleaved_system_prompts_keep_their_cached_prefix(fresh: Engine) -> None:
+    system_a = " ".join(f"Rule {i}: be kind." for i in range(40))
+    system_b = " ".join(f"Law {i}: be brief." for i in range(40))
+    await fresh.generate(greedy("First question.", 2, system_a))
+    await fresh.generate(greedy("Second question.", 2, system_b))
+    assert fresh._batcher is not None
+    before = fresh._batcher.prompt_tokens_evaluated
+    third = await fresh.generate(greedy("Third question.", 2, system_a))
+    evaluated = fresh._batcher.prompt_tokens_evaluated - before
+    assert evaluated < third.prompt_tokens // 4  # only the new question, not system A again
+    fresh.close()
+
+
+def test_loading_a_model_does_not_swallow_stdout(model_dir: Path) -> None:
+    """Regression: llama-cpp-python's verbose=False pointed fd 1 at /dev/null during a load,
+    losing whatever other threads wrote there (in `serve`, MCP replies to the host)."""
+    script = f"""
+import os, threading, time
+from tests.conftest import small_entry
+from localsample.engine import Engine
+entry = small_entry()
+engine = Engine(entry, {str(model_dir)!r} + "/" + entry.source)
+loader = threading.Thread(target=engine.load)
+loader.start()
+for i in range(300):
+    os.write(1, f"line {{i}}\\n".encode())
+    time.sleep(0.002)
+loader.join()
+"""
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=root)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [f"line {i}" for i in range(300)]
