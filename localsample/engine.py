@@ -3,12 +3,12 @@
 Every llama.cpp call of an engine (load and generation) runs on one dedicated thread of
 its own. llama.cpp's CPU backend parallelises with OpenMP, and each thread that calls it
 gets its own OpenMP team whose threads spin after each token: calls from several threads
-leave teams competing for the cores (measured: -20% decode speed on 2 cores). One thread
-per engine also serialises requests in arrival order, as a ``Llama`` is not thread-safe.
+leave teams competing for the cores (measured: -20% decode speed on 2 cores).
 
-Text crosses into asyncio through ``_TextChannel``. The cancel flag is checked after every
-token, so a cancelled request stops within one token and the model is immediately usable
-by the next one.
+Requests are decoded by the engine's ``Batcher`` (batch.py): concurrent requests share
+one context and advance together, one token per step. Text crosses into asyncio through
+``_TextChannel``. The cancel flag is checked every step, so a cancelled request stops
+within one token and its slot is free for the next one.
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ class _TextChannel:
 class Engine:
     """A catalog entry's GGUF, loaded lazily on first use."""
 
-    def __init__(self, model: ModelEntry, path: Path, slots: int = 4) -> None:
+    def __init__(self, model: ModelEntry, path: Path, slots: int = 8) -> None:
         self.model = model
         self.path = path
         self.slots = slots
@@ -198,7 +198,6 @@ class Engine:
         self._template: Any = None
         self._pieces: dict[int, bytes] = {}
         self._load_lock = threading.Lock()
-        self._run_lock = threading.Lock()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{model.id}")
         self.tokens_generated = 0
         """Completion tokens produced over this engine's life (read by stats and tests)."""
@@ -273,7 +272,7 @@ class Engine:
     def close(self) -> None:
         self._thread.shutdown(wait=True, cancel_futures=True)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{self.model.id}")
-        with self._load_lock, self._run_lock:
+        with self._load_lock:
             if self._batcher is not None:
                 self._batcher.close()
                 self._batcher = None

@@ -102,7 +102,7 @@ class Settings(BaseSettings):
     memory_budget_mb: int | None = Field(
         None, ge=1, description="most memory for loaded models, in MB (default: 3/4 of the machine's RAM)"
     )
-    parallel: int = Field(4, ge=1, le=64, description="requests one model decodes together (one KV cache)")
+    parallel: int = Field(8, ge=1, le=64, description="requests one model decodes together (one KV cache)")
     queue_limit: int = Field(
         16, ge=1, description="requests waiting for one model beyond which new ones get 'busy, retry later'"
     )
