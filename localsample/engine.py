@@ -329,10 +329,6 @@ class Engine:
             if not worker.cancelled():
                 worker.exception()  # mark retrieved: a cancelled run's error is nobody's news
 
-    def count_prompt_tokens(self, request: GenerationRequest) -> int:
-        """Tokens the rendered prompt takes (blocking; loads the model)."""
-        return len(self._prompt_tokens(self.load(), request))
-
     def _prompt_tokens(self, llama: Llama, request: GenerationRequest) -> list[int]:
         messages: list[dict[str, str]] = []
         if request.system:
