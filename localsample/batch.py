@@ -1,20 +1,28 @@
 """Continuous batching: concurrent requests on one model decode together.
 
-One llama.cpp context holds several sequences ("slots") in one KV cache. A loop on the
-engine's thread repeats a step while there is work:
+One llama.cpp context holds several sequences ("slots") in one unified KV cache. A loop
+on the engine's thread repeats a step while there is work:
 
-1. admit waiting requests into slots: the idle slot whose cached tokens share the
-   longest prefix with the new prompt (prefix reuse, also across interleaving servers),
-   else an empty slot, else the least recently used idle one; a request waits while the
-   KV cache cannot hold its prompt + maxTokens beside the running ones;
-2. evaluate at most one chunk of one new prompt, on its own (so its KV values are the
-   ones a solo run computes: llama.cpp's kernels differ with the batch shape);
-3. decode one token for every generating request in one batch (one row each; measured:
-   a row's logits are bit-identical whatever else is in the batch), sample each with its
-   own sampler chain, stream, and finish the requests that end.
+1. admit waiting requests into idle slots, reusing the longest cached prefix found in
+   any slot: an idle slot's own cache, or cells of another slot (running or idle),
+   tagged for the new sequence too, which in a unified cache costs no compute and no
+   memory. A request waits while every slot is busy or the KV cache cannot hold its
+   prompt + maxTokens beside the running ones;
+2. evaluate at most one chunk of one new prompt (the oldest), in a batch of its own;
+3. decode one token for every generating request in one batch (one row each), sample
+   each with its own sampler chain, stream, and finish the requests that end.
 
 Every generating request advances one token per step, so none starves, and a new one
 starts at the next step. Cancellation is checked every step and frees the slot at once.
+
+Why each output equals its solo run (measured on CPU): with flash attention, llama.cpp's
+default, a row's logits are bit-identical whatever other rows share its batch and
+wherever its cells sit in the cache, and new prompts are evaluated alone, cut as in a
+solo run. What does change the last bits, and so a later greedy token: a one-token
+prompt chunk (never made, see MIN_PROMPT_EVAL), a prompt in one batch with other rows
+(never done), and llama.cpp's other attention kernels for prompt chunks of 64+ tokens
+and for a lone decode row over 512+ cells: a prompt read partly from the cache may
+continue differently from the same prompt evaluated cold.
 """
 
 from __future__ import annotations
@@ -36,12 +44,23 @@ if TYPE_CHECKING:
     from localsample.engine import Completion, Engine, StopReason, _Run
 
 MIN_PROMPT_EVAL = 2
-"""Prompt tokens always evaluated afresh, even when the whole prompt is cached: a
-one-token batch runs other kernels, and its KV values can flip a later greedy choice."""
+"""Prompt tokens always evaluated afresh, even when the whole prompt is cached (one is
+needed for the logits, and a one-token batch runs other kernels: see the module doc)."""
 
 
 MIN_REUSE = 32
-"""Shared prompt tokens worth reusing a slot's cache for (or half the prompt, if less)."""
+"""Shared prompt tokens worth reusing a cache for (or half the prompt, if less)."""
+
+Row = tuple[int, int, int, bool]  # token, position, sequence, wants logits
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 class Cancelled(Exception):
@@ -87,7 +106,8 @@ class Batcher:
         self.n_ctx = engine.model.load.n_ctx
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = self.n_ctx
-        params.n_batch = load["n_batch"]
+        self.n_batch = max(load["n_batch"], slots)  # a step holds a row for every slot
+        params.n_batch = self.n_batch
         params.n_ubatch = load["n_ubatch"]
         params.n_seq_max = slots
         params.n_threads = load["n_threads"]
@@ -97,14 +117,18 @@ class Batcher:
         for name in ("type_k", "type_v"):
             if name in load:
                 setattr(params, name, load[name])
-        if load.get("flash_attn"):
-            params.flash_attn_type = 1
+        flash = load.get("flash_attn")  # absent: llama.cpp's auto, on where the device has it
+        self.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if flash is None
+            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash
+            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        params.flash_attn_type = self.flash_attn_type
         self.ctx = llama_cpp.llama_init_from_model(llama._model.model, params)
         if not self.ctx:
             raise EngineError(f"llama.cpp could not create a context for '{engine.model.id}'", "lower n_ctx")
         self.memory = llama_cpp.llama_get_memory(self.ctx)
-        self.n_batch = load["n_batch"]
-        self.batch = llama_cpp.llama_batch_init(max(self.n_batch, slots), 0, 1)
+        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.vocab = llama._model.vocab
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.slots = [Slot(seq) for seq in range(slots)]
@@ -139,6 +163,8 @@ class Batcher:
             for slot in self.slots:
                 if slot.active is not None:
                     self._finish(slot, error=error)
+                self.L.llama_memory_seq_rm(self.memory, slot.seq, -1, -1)  # its record may be off now
+                slot.tokens = []
             with self.lock:
                 waiting, self.waiting = list(self.waiting), deque()
                 self.running = False
@@ -151,9 +177,9 @@ class Batcher:
             active = slot.active
             if active is not None and active.run.cancel.is_set():
                 self._finish(slot, error=Cancelled())
-        prompting = next((s for s in self.slots if s.active is not None and s.active.pending), None)
-        if prompting is not None:
-            self._eval_prompt(prompting)
+        prompting = [s for s in self.slots if s.active is not None and s.active.pending]
+        if prompting:
+            self._eval_prompt(min(prompting, key=lambda s: s.active.started if s.active else 0.0))
         generating = [s for s in self.slots if s.active is not None and not s.active.pending]
         if generating:
             self._decode(generating)
@@ -187,59 +213,55 @@ class Batcher:
                     self.waiting.popleft()
                 future.set_exception(exc)
                 continue
-            slot = self._choose_slot(prompt)
-            if slot is None:
+            place = self._place(prompt)
+            if place is None:
                 return  # every slot busy, or no room in the KV cache yet: it waits its turn
             with self.lock:
                 self.waiting.popleft()
             try:
-                self._start(slot, run, future, prompt)
+                self._start(*place, run, future, prompt)
             except Exception as exc:  # the request is in no queue now: fail it, never lose it
-                slot.active = None
+                place[0].active = None
                 future.set_exception(exc)
 
-    def _choose_slot(self, prompt: list[int]) -> Slot | None:
+    def _place(self, prompt: list[int]) -> tuple[Slot, Slot, int] | None:
+        """The slot for a new prompt, the slot whose cache it reuses, and how many tokens."""
         idle = [s for s in self.slots if s.active is None]
         if not idle:
             return None
         needed = self._reserved()
         if needed + len(prompt) + 1 > self.n_ctx and any(s.active for s in self.slots):
             return None
-
-        def shared(slot: Slot) -> int:
-            n = 0
-            for a, b in zip(slot.tokens, prompt, strict=False):
-                if a != b:
-                    break
-                n += 1
-            return n
-
-        # Reuse a slot's cache only for a real shared prefix; a few template tokens in common
-        # are not worth destroying another conversation's cache: take an empty slot, else
-        # the least recently used one.
-        best = max(idle, key=shared)
-        if shared(best) < min(MIN_REUSE, len(prompt) // 2):
-            best = min(idle, key=lambda s: (bool(s.tokens), s.last_used))
+        # The longest cached prefix in any slot; a few template tokens in common are not
+        # worth taking over another conversation's cache, so they count as none.
+        source = max(self.slots, key=lambda s: (common_prefix(s.tokens, prompt), s.active is None))
+        shared = common_prefix(source.tokens, prompt)
+        if shared < min(MIN_REUSE, len(prompt) // 2):
+            shared = 0
+        # Its own slot if idle, else a slot with nothing cached, else the least recently used.
+        slot = source if shared and source.active is None else min(idle, key=lambda s: (bool(s.tokens), s.last_used))
         # Make room in the unified KV cache: drop other idle slots' cached tokens as needed.
-        held = sum(len(s.tokens) for s in self.slots if s.active is None and s is not best)
+        held = sum(len(s.tokens) for s in idle if s is not slot)
         for other in sorted(idle, key=lambda s: s.last_used):
-            if other is best or needed + held + len(prompt) <= self.n_ctx:
+            if other is slot or (shared and other is source) or needed + held + len(prompt) <= self.n_ctx:
                 continue
             self.L.llama_memory_seq_rm(self.memory, other.seq, -1, -1)
             held -= len(other.tokens)
             other.tokens = []
-        return best
+        return slot, source, shared
 
-    def _start(self, slot: Slot, run: _Run, future: Future[Completion], prompt: list[int]) -> None:
+    def _start(
+        self, slot: Slot, source: Slot, shared: int, run: _Run, future: Future[Completion], prompt: list[int]
+    ) -> None:
         from localsample.engine import StopMatcher
 
-        reuse = 0
-        for a, b in zip(slot.tokens, prompt, strict=False):
-            if a != b:
-                break
-            reuse += 1
-        reuse = min(reuse, max(len(prompt) - MIN_PROMPT_EVAL, 0))
-        self.L.llama_memory_seq_rm(self.memory, slot.seq, reuse, -1)
+        reuse = min(shared, max(len(prompt) - MIN_PROMPT_EVAL, 0))
+        if source is slot:
+            self.L.llama_memory_seq_rm(self.memory, slot.seq, reuse, -1)
+        else:
+            self.L.llama_memory_seq_rm(self.memory, slot.seq, -1, -1)
+            if reuse:  # tag the source's cells for this sequence too: no copy, no compute
+                self.L.llama_memory_seq_cp(self.memory, source.seq, slot.seq, 0, reuse)
         slot.tokens = prompt[:reuse]
         slot.active = Active(
             run=run,
@@ -271,7 +293,7 @@ class Batcher:
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed))
         return chain
 
-    def _fill(self, rows: list[tuple[int, int, int, bool]]) -> None:
+    def _fill(self, rows: list[Row]) -> None:
         batch = self.batch
         batch.n_tokens = len(rows)
         for i, (token, pos, seq, logits) in enumerate(rows):
@@ -288,6 +310,8 @@ class Batcher:
         active = slot.active
         assert active is not None
         chunk = active.pending[: self.n_batch]
+        if 0 < len(active.pending) - len(chunk) < MIN_PROMPT_EVAL < len(chunk):  # never leave a 1-token chunk
+            chunk = chunk[:-MIN_PROMPT_EVAL]
         start = len(slot.tokens)
         last = len(chunk) == len(active.pending)
         self._fill([(tok, start + i, slot.seq, last and i == len(chunk) - 1) for i, tok in enumerate(chunk)])

@@ -45,7 +45,7 @@ class LoadSettings(_Strict):
     n_threads_batch: int | None = Field(None, ge=1)
     n_batch: int = Field(512, ge=1)
     n_ubatch: int = Field(512, ge=1)
-    flash_attn: bool = False
+    flash_attn: bool | None = None  # None: llama.cpp's auto (on wherever the device supports it)
     use_mmap: bool = True
     use_mlock: bool = False
     type_k: int | None = Field(None, ge=0)

@@ -61,6 +61,40 @@ async def test_concurrent_requests_decode_together_and_match_their_solo_runs(fre
     fresh.close()
 
 
+async def test_a_request_takes_its_shared_prefix_from_a_running_one(fresh: Engine) -> None:
+    """A second request with the same system prompt joins while the first generates: it
+    takes the prompt's cells from the running slot instead of evaluating them again, and
+    answers exactly as when it reuses the first's cache after the first has finished."""
+    system = " ".join(f"Rule {i}: be kind." for i in range(12))  # well over MIN_REUSE tokens
+    first, second = greedy(PROMPTS[1], 30, system), greedy(PROMPTS[2], 20, system)
+    await fresh.generate(first)
+    expected = await fresh.generate(second)  # from the idle slot's cache
+    await fresh.reset_cache()
+    batcher = fresh._batcher
+    assert batcher is not None
+    going = anyio.Event()
+    results = {}
+
+    async def on_text(_text: str, tokens: int) -> None:
+        if tokens >= 3:
+            going.set()
+
+    async def run_first() -> None:
+        results["first"] = await fresh.generate(first, on_text)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(run_first)
+        await going.wait()
+        before = batcher.prompt_tokens_evaluated
+        results["second"] = await fresh.generate(second)
+        evaluated = batcher.prompt_tokens_evaluated - before
+    assert batcher.widest_step == 2  # the first was still generating beside it
+    assert evaluated < expected.prompt_tokens // 3  # the system prompt came from the running slot
+    assert results["second"].text == expected.text
+    assert len([slot for slot in batcher.slots if slot.tokens]) == 2  # each in a slot of its own
+    fresh.close()
+
+
 async def test_a_short_request_starts_while_a_long_one_runs(fresh: Engine) -> None:
     stamps: dict[str, float] = {}
 
@@ -144,3 +178,17 @@ loader.join()
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=root)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == [f"line {i}" for i in range(300)]
+
+
+
+@pytest.mark.parametrize(("setting", "expected"), [(None, -1), (True, 1), (False, 0)])
+def test_the_catalogs_flash_attention_setting_reaches_the_batch_context(
+    model_dir: Path, setting: bool | None, expected: int
+) -> None:
+    """Unset means llama.cpp's auto (-1); an explicit false really turns it off (it once
+    fell through to auto)."""
+    entry = small_entry() if setting is None else small_entry(flash_attn=setting)
+    engine = Engine(entry, model_dir / entry.source, slots=2)
+    engine.load()
+    assert engine._batcher is not None and engine._batcher.flash_attn_type == expected
+    engine.close()
