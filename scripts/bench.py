@@ -170,10 +170,9 @@ def side(name: str, model_id: str, conn: Connection) -> None:
     model = runtime.catalog.get(model_id)
     engine = runtime.pool.engine(model)
     if name == "raw":
-        llama = Llama(
-            model_path=str(engine.path), verbose=False, chat_format="chat_template.default",
-            **model.load.llama_kwargs(),
-        )
+        # flash attention as in the engine's context, where llama.cpp's "auto" turns it on
+        kwargs = {"flash_attn": True} | model.load.llama_kwargs()
+        llama = Llama(model_path=str(engine.path), verbose=False, chat_format="chat_template.default", **kwargs)
         run: Callable[[int], Sample] = lambda n: bench_raw(llama, n)  # noqa: E731
     else:
         asyncio.run(engine.ensure_loaded())
@@ -227,8 +226,9 @@ def main() -> None:
     cache_and_memory_section(model.id)
 
 
-def concurrency_section(model_id: str, tokens: int) -> None:
-    """(b) N requests at once vs the same N one after another: aggregate tokens/s, latency."""
+def concurrency_section(model_id: str, tokens: int, rounds: int = 3) -> None:
+    """(b) N requests at once vs the same N one after another: aggregate tokens/s (median
+    of ``rounds``), latency per request (over all rounds)."""
     runtime = Runtime()
     choice = runtime.select(model=model_id)
 
@@ -259,17 +259,86 @@ def concurrency_section(model_id: str, tokens: int) -> None:
             total += await timed(i, [])
         return total / (time.perf_counter() - started)
 
-    print(f"\n3. concurrent requests, {tokens} tokens each (aggregate tokens/s; latency per request)")
-    print(f"{'requests':>10}{'serial':>10}{'together':>10}{'ratio':>8}{'p50 s':>8}{'p95 s':>8}")
+    widths = (1, 2, 4, 8)
+    ceiling = raw_batched_decode(model_id, widths, tokens)
+    print(f"\n3. concurrent requests, {tokens} tokens each (aggregate tokens/s, median of {rounds}; latency)")
+    print(f"{'requests':>10}{'serial':>10}{'together':>10}{'ratio':>8}{'p50 s':>8}{'p95 s':>8}{'llama.cpp':>11}")
     anyio.run(serial, 1)  # warm up
-    for n in (1, 2, 4, 8):
-        alone = anyio.run(serial, n)
-        agg, lat = anyio.run(together, n)
+    for n in widths:
+        alones, aggs, lat = [], [], []
+        for _ in range(rounds):  # alternate, so drift on a shared machine hits both alike
+            alones.append(anyio.run(serial, n))
+            agg_round, lat_round = anyio.run(together, n)
+            aggs.append(agg_round)
+            lat += lat_round
+        alone, agg = statistics.median(alones), statistics.median(aggs)
         lat.sort()
         p95 = lat[min(len(lat) - 1, round(0.95 * (len(lat) - 1)))]
+        raw = ceiling[n] / ceiling[1]
         note = "   (target >= 2.0)" if n == 4 else ""
-        print(f"{n:>10}{alone:>10.1f}{agg:>10.1f}{agg / alone:>8.2f}{statistics.median(lat):>8.2f}{p95:>8.2f}{note}")
+        print(f"{n:>10}{alone:>10.1f}{agg:>10.1f}{agg / alone:>8.2f}{statistics.median(lat):>8.2f}{p95:>8.2f}"
+              f"{raw:>10.2f}x{note}")
+    print("   llama.cpp: its own decode rate for that many sequences in one batch vs one sequence (raw")
+    print("   llama_decode, no sampling or streaming): the most batching can give on this model and machine")
     runtime.close()
+
+
+def raw_batched_decode(model_id: str, widths: tuple[int, ...], tokens: int, rounds: int = 3) -> dict[int, float]:
+    """Decode tokens/s of raw llama.cpp with N sequences in one batch, as llama-batched-bench
+    measures it, in a context like the engine's: the ceiling for section 3's ratios."""
+    context = multiprocessing.get_context("spawn")
+    mine, theirs = context.Pipe()
+    process = context.Process(target=raw_batched_side, args=(model_id, widths, tokens, rounds, theirs), daemon=True)
+    process.start()
+    result: dict[int, float] = mine.recv()
+    process.join()
+    return result
+
+
+def raw_batched_side(model_id: str, widths: tuple[int, ...], tokens: int, rounds: int, conn: Connection) -> None:
+    import llama_cpp as L
+    import numpy as np
+
+    runtime = Runtime()
+    model = runtime.catalog.get(model_id)
+    path = runtime.pool.engine(model).path
+    load = model.load.llama_kwargs()
+    llama = Llama(model_path=str(path), verbose=False, n_ctx=64, **{k: v for k, v in load.items() if k != "n_ctx"})
+    params = L.llama_context_default_params()
+    params.n_ctx, params.n_seq_max, params.kv_unified = model.load.n_ctx, max(widths), True
+    params.n_threads, params.n_threads_batch = load["n_threads"], load["n_threads_batch"]
+    ctx = L.llama_init_from_model(llama._model.model, params)
+    memory, n_vocab = L.llama_get_memory(ctx), L.llama_vocab_n_tokens(llama._model.vocab)
+    batch = L.llama_batch_init(512, 0, 1)
+
+    def decode(rows: list[tuple[int, int, int]]) -> None:
+        batch.n_tokens = len(rows)
+        for i, (token, pos, seq) in enumerate(rows):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.seq_id[i][0] = token, pos, 1, seq
+            batch.logits[i] = True
+        if L.llama_decode(ctx, batch) != 0:
+            raise SystemExit("llama_decode failed")
+
+    def rate(n: int) -> float:
+        L.llama_memory_clear(memory, True)
+        prompts = [llama.tokenize(f"{SYSTEM}\nRequest {i}: {PROMPT}".encode(), add_bos=True) for i in range(n)]
+        for seq, prompt in enumerate(prompts):
+            decode([(token, pos, seq) for pos, token in enumerate(prompt)])
+        next_tokens = [0] * n
+        started = time.perf_counter()
+        for step in range(tokens):
+            decode([(next_tokens[s], len(prompts[s]) + step, s) for s in range(n)])
+            for s in range(n):
+                logits = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, s), shape=(n_vocab,))
+                next_tokens[s] = int(logits.argmax())
+        return n * tokens / (time.perf_counter() - started)
+
+    rate(1)  # warm up
+    result = {n: statistics.median(rate(n) for _ in range(rounds)) for n in widths}
+    L.llama_batch_free(batch)
+    L.llama_free(ctx)
+    llama.close()
+    conn.send(result)
 
 
 async def _collect(job: Any, into: list[int]) -> None:
