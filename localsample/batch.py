@@ -6,8 +6,9 @@ on the engine's thread repeats a step while there is work:
 1. admit waiting requests into idle slots, reusing the longest cached prefix found in
    any slot: an idle slot's own cache, or cells of another slot (running or idle),
    tagged for the new sequence too, which in a unified cache costs no compute and no
-   memory. A request waits while every slot is busy or the KV cache cannot hold its
-   prompt + maxTokens beside the running ones;
+   memory. A request waits while every slot is busy, while the KV cache cannot hold its
+   prompt + maxTokens beside the running ones, or while a prompt being evaluated shares
+   a longer prefix with it (it then takes those cells instead of evaluating them again);
 2. evaluate at most one chunk of one new prompt (the oldest), in a batch of its own;
 3. decode one token for every generating request in one batch (one row each), sample
    each with its own sampler chain, stream, and finish the requests that end.
@@ -215,7 +216,7 @@ class Batcher:
                 continue
             place = self._place(prompt)
             if place is None:
-                return  # every slot busy, or no room in the KV cache yet: it waits its turn
+                return  # no idle slot, no room in the KV cache yet, or a shared prompt ahead: it waits
             with self.lock:
                 self.waiting.popleft()
             try:
@@ -236,8 +237,17 @@ class Batcher:
         # worth taking over another conversation's cache, so they count as none.
         source = max(self.slots, key=lambda s: (common_prefix(s.tokens, prompt), s.active is None))
         shared = common_prefix(source.tokens, prompt)
-        if shared < min(MIN_REUSE, len(prompt) // 2):
+        worth = min(MIN_REUSE, len(prompt) // 2)
+        if shared < worth:
             shared = 0
+        # A prompt still being evaluated shares more (parallel calls with one system
+        # prompt): wait for it, then take its cells. Prompts are evaluated one at a time,
+        # oldest first, so the wait costs nothing and saves evaluating the prefix again.
+        for other in self.slots:
+            if other.active is not None and other.active.pending:
+                ahead = common_prefix(other.active.prompt, prompt)
+                if ahead > shared and ahead >= worth:
+                    return None
         # Its own slot if idle, else a slot with nothing cached, else the least recently used.
         slot = source if shared and source.active is None else min(idle, key=lambda s: (bool(s.tokens), s.last_used))
         # Make room in the unified KV cache: drop other idle slots' cached tokens as needed.

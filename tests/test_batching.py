@@ -95,6 +95,27 @@ async def test_a_request_takes_its_shared_prefix_from_a_running_one(fresh: Engin
     fresh.close()
 
 
+async def test_parallel_requests_with_one_system_prompt_evaluate_it_once(fresh: Engine) -> None:
+    """Three requests arrive at once with the same long system prompt (parallel tool
+    calls): the later two wait for the first one's prompt and take its cells."""
+    system = " ".join(f"Rule {i}: be kind and brief." for i in range(40))
+    await fresh.ensure_loaded()
+    assert fresh._batcher is not None
+    results = {}
+
+    async def one(i: int) -> None:
+        results[i] = await fresh.generate(greedy(PROMPTS[i], 8, system))
+
+    async with anyio.create_task_group() as group:
+        for i in range(3):
+            group.start_soon(one, i)
+    prompts = [results[i].prompt_tokens for i in range(3)]
+    assert min(prompts) > 300  # a long shared prefix indeed
+    assert fresh._batcher.prompt_tokens_evaluated < max(prompts) + 2 * 40  # once, plus the questions
+    assert all(results[i].stop_reason in ("maxTokens", "endTurn") and results[i].text for i in range(3))
+    fresh.close()
+
+
 async def test_a_short_request_starts_while_a_long_one_runs(fresh: Engine) -> None:
     stamps: dict[str, float] = {}
 
