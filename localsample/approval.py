@@ -42,6 +42,10 @@ async def in_daemon_thread(func: Callable[[], T]) -> T:
 
 
 class TerminalApprover:
+    """Asks the person at the terminal (stderr and stdin)."""
+
+    unavailable = "there is no terminal"
+
     def __init__(self) -> None:
         self.out = sys.stderr
         self._turn = threading.Lock()  # concurrent requests are asked one after another
@@ -63,10 +67,10 @@ class TerminalApprover:
         while True:
             answer = self._read("Approve? [y]es / [n]o / [e]dit: ").lower()
             if answer in ("y", "yes"):
-                return Decision(True, TERMINAL, "approved", request)
+                return Decision(True, TERMINAL, "approved", request, human=True)
             if answer in ("n", "no"):
                 reason = self._read("Reason (optional): ") or "no reason given"
-                return Decision(False, TERMINAL, reason)
+                return Decision(False, TERMINAL, reason, human=True)
             if answer in ("e", "edit"):
                 prompt = self._read("New prompt (empty keeps it): ")
                 max_tokens = self._read(f"maxTokens [{request.max_tokens}]: ")
@@ -125,6 +129,8 @@ REVIEW_SCHEMA: dict[str, Any] = {
 class ElicitationApprover:
     """Asks the host's user through MCP elicitation (serve: the host owns stdin/stdout)."""
 
+    unavailable = "the host does not support elicitation"
+
     def __init__(self, host: Callable[[], ServerSession | None]) -> None:
         self.host = host
 
@@ -142,9 +148,9 @@ class ElicitationApprover:
         result = await self._elicit(pending.summary() + "\n\nApprove this sampling request?", APPROVAL_SCHEMA)
         content = result.content or {}
         if result.action == "accept" and content.get("approve") is True:
-            return Decision(True, HOST, "approved", pending.request)
+            return Decision(True, HOST, "approved", pending.request, human=True)
         reason = str(content.get("reason") or f"the user chose {result.action}")
-        return Decision(False, HOST, reason)
+        return Decision(False, HOST, reason, human=True)
 
     async def review(self, pending: Pending, text: str) -> str | None:
         result = await self._elicit(f"Response from {pending.model}:\n{text}\n\nSend it to the server?", REVIEW_SCHEMA)

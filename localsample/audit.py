@@ -1,29 +1,62 @@
 """The audit trail: one JSON line per sampling request, in ``log_dir/audit.jsonl``.
 
-Each line has: ``time`` (UTC, ISO 8601), ``server``, ``request_id``, ``protocol``,
-``decision`` (approved / rejected / error) and ``by`` (who decided), ``model`` and
+Each line is an ``AuditRecord``: ``time`` (UTC, ISO 8601), ``server``, ``request_id``,
+``protocol``, ``decision`` (approved / rejected / cancelled / busy / error) and ``by``
+(who decided), ``model`` and
 ``reason`` (why that model), ``prompt_tokens``, ``completion_tokens``,
 ``time_to_first_token`` and ``duration`` (seconds), ``stop_reason`` and ``error``; with
 ``audit_text = true`` also ``system``, ``messages`` and ``response``.
 
 The file is created with mode 0600. When a line would take it past ``audit_max_bytes`` it
 is rotated: ``audit.jsonl`` → ``audit.jsonl.1`` → … → ``audit.jsonl.N`` (``audit_backups``),
-the oldest dropped, so the trail never takes more than (N + 1) × ``audit_max_bytes``.
+the oldest dropped, so the trail never takes more than (N + 1) x ``audit_max_bytes``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
 from collections import Counter, deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from localsample.settings import Settings
+
+AuditDecision = Literal["approved", "rejected", "cancelled", "busy", "error"]
+
+
+@dataclass
+class AuditRecord:
+    """One audited request; fields stay None until the pipeline knows them."""
+
+    server: str
+    request_id: str
+    protocol: str | None = None
+    decision: AuditDecision | None = None
+    by: str | None = None
+    model: str | None = None
+    reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    time_to_first_token: float | None = None
+    duration: float | None = None
+    stop_reason: str | None = None
+    error: str | None = None
+    # Only with audit_text = true:
+    system: str | None = None
+    messages: list[list[str]] | None = None
+    response: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        """The record as written: fields that were never set are left out."""
+        data = dataclasses.asdict(self)
+        return {k: v for k, v in data.items() if v is not None or k in ("server", "request_id", "protocol")}
 
 
 class AuditLog:
@@ -43,9 +76,10 @@ class AuditLog:
         self.include_text = include_text
         self._lock = threading.Lock()
 
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, record: AuditRecord) -> None:
         """Append one record (a failure to write is logged by the caller, never fatal)."""
-        line = json.dumps({"time": datetime.now(UTC).isoformat(timespec="milliseconds"), **record}) + "\n"
+        stamp = datetime.now(UTC).isoformat(timespec="milliseconds")
+        line = json.dumps({"time": stamp, **record.as_json()}) + "\n"
         data = line.encode("utf-8")
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -94,8 +128,14 @@ class AuditLog:
         for record in self.records():
             entry = result.setdefault(
                 str(record.get("server")),
-                {"requests": 0, "decisions": Counter(), "prompt_tokens": 0, "completion_tokens": 0,
-                 "seconds": 0.0, "models": Counter()},
+                {
+                    "requests": 0,
+                    "decisions": Counter(),
+                    "prompt_tokens": 0,
+                    "completion_tokens": 0,
+                    "seconds": 0.0,
+                    "models": Counter(),
+                },
             )
             entry["requests"] += 1
             entry["decisions"][record.get("decision", "?")] += 1

@@ -33,16 +33,15 @@ import random
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from localsample.errors import ContextOverflowError, EngineError
+import llama_cpp
 
-if TYPE_CHECKING:
-    from llama_cpp import Llama
-
-    from localsample.engine import Completion, Engine, StopReason, _Run
+from localsample.errors import ContextOverflowError, EngineError, GenerationCancelled
+from localsample.generation import Completion, GenerationRequest, Job, StopMatcher, StopReason
 
 MIN_PROMPT_EVAL = 2
 """Prompt tokens always evaluated afresh, even when the whole prompt is cached (one is
@@ -53,6 +52,10 @@ MIN_REUSE = 32
 """Shared prompt tokens worth reusing a cache for (or half the prompt, if less)."""
 
 Row = tuple[int, int, int, bool]  # token, position, sequence, wants logits
+Tokenize = Callable[[GenerationRequest], list[int]]
+"""The prompt tokens of a request (its chat template applied): runs on the engine's thread."""
+Piece = Callable[[int], bytes]
+"""The bytes of one token's text."""
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -64,22 +67,56 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-class Cancelled(Exception):
-    """The request was cancelled while waiting or generating."""
+@dataclass(frozen=True)
+class ContextSettings:
+    """How the batcher's llama.cpp context is made (from the catalog's load settings)."""
+
+    n_ctx: int
+    n_batch: int
+    n_ubatch: int
+    n_threads: int
+    n_threads_batch: int
+    offload_kqv: bool = True
+    flash_attn: bool | None = None  # None: llama.cpp's auto, on where the device has it
+    type_k: int | None = None
+    type_v: int | None = None
+
+    @classmethod
+    def from_load(cls, load: dict[str, Any]) -> ContextSettings:
+        """From ``LoadSettings.llama_kwargs()``."""
+        return cls(
+            n_ctx=load["n_ctx"],
+            n_batch=load["n_batch"],
+            n_ubatch=load["n_ubatch"],
+            n_threads=load["n_threads"],
+            n_threads_batch=load["n_threads_batch"],
+            offload_kqv=load["offload_kqv"],
+            flash_attn=load.get("flash_attn"),
+            type_k=load.get("type_k"),
+            type_v=load.get("type_v"),
+        )
+
+    @property
+    def flash_attn_type(self) -> int:
+        if self.flash_attn is None:
+            return llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+        return llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
 
 
 @dataclass
 class Active:
     """One request in a slot."""
 
-    run: _Run
+    job: Job
     future: Future[Completion]
     prompt: list[int]
     pending: list[int]  # prompt tokens still to evaluate
-    sampler: Any
+    sampler: llama_cpp.llama_sampler_p
     started: float
-    matcher: Any
-    decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
+    matcher: StopMatcher
+    decoder: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
+    )
     parts: list[str] = field(default_factory=list)
     count: int = 0
     next_token: int | None = None
@@ -95,77 +132,100 @@ class Slot:
 
 
 class Batcher:
-    """The scheduler over one context of ``slots`` sequences (see the module doc)."""
+    """The scheduler over one context of ``slots`` sequences (see the module doc).
 
-    def __init__(self, engine: Engine, llama: Llama, slots: int) -> None:
-        import llama_cpp
+    Built from what it uses: the model and vocabulary handles, how to tokenize a request
+    and spell a token, and the executor (the engine's one thread) it runs its loop on.
+    Every method but ``submit`` runs on that executor.
+    """
 
-        self.L = llama_cpp
-        self.engine = engine
-        self.llama = llama
-        load = engine.model.load.llama_kwargs()
-        self.n_ctx = engine.model.load.n_ctx
+    def __init__(
+        self,
+        *,
+        model_id: str,
+        model: llama_cpp.llama_model_p,
+        vocab: llama_cpp.llama_vocab_p,
+        settings: ContextSettings,
+        slots: int,
+        executor: Executor,
+        tokenize: Tokenize,
+        piece: Piece,
+    ) -> None:
+        self.model_id = model_id
+        self.executor = executor
+        self.tokenize = tokenize
+        self.piece = piece
+        self.n_ctx = settings.n_ctx
+        self.n_batch = max(settings.n_batch, slots)  # a step holds a row for every slot
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = self.n_ctx
-        self.n_batch = max(load["n_batch"], slots)  # a step holds a row for every slot
         params.n_batch = self.n_batch
-        params.n_ubatch = load["n_ubatch"]
+        params.n_ubatch = settings.n_ubatch
         params.n_seq_max = slots
-        params.n_threads = load["n_threads"]
-        params.n_threads_batch = load["n_threads_batch"]
+        params.n_threads = settings.n_threads
+        params.n_threads_batch = settings.n_threads_batch
         params.kv_unified = True
-        params.offload_kqv = load["offload_kqv"]
-        for name in ("type_k", "type_v"):
-            if name in load:
-                setattr(params, name, load[name])
-        flash = load.get("flash_attn")  # absent: llama.cpp's auto, on where the device has it
-        self.flash_attn_type = (
-            llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if flash is None
-            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash
-            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        )
+        params.offload_kqv = settings.offload_kqv
+        if settings.type_k is not None:
+            params.type_k = settings.type_k
+        if settings.type_v is not None:
+            params.type_v = settings.type_v
+        self.flash_attn_type = settings.flash_attn_type
         params.flash_attn_type = self.flash_attn_type
-        self.ctx = llama_cpp.llama_init_from_model(llama._model.model, params)
-        if not self.ctx:
-            raise EngineError(f"llama.cpp could not create a context for '{engine.model.id}'", "lower n_ctx")
-        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        ctx = llama_cpp.llama_init_from_model(model, params)
+        if not ctx:
+            raise EngineError(f"llama.cpp could not create a context for '{model_id}'", "lower n_ctx in the catalog")
+        self.ctx: llama_cpp.llama_context_p | None = ctx
+        self.memory = llama_cpp.llama_get_memory(ctx)
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
-        self.vocab = llama._model.vocab
-        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.vocab = vocab
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
         self.slots = [Slot(seq) for seq in range(slots)]
-        self.waiting: deque[tuple[_Run, Future[Completion]]] = deque()
+        self.waiting: deque[tuple[Job, Future[Completion]]] = deque()
         self.lock = threading.Lock()
         self.running = False
         self.widest_step = 0  # most requests decoded in one step (stats, tests)
         self.prompt_tokens_evaluated = 0  # prompt tokens computed, cache hits excluded
+        self.tokens_generated = 0  # completion tokens produced (stats, tests)
 
     # -- from the event loop -----------------------------------------------------------
 
-    def submit(self, run: _Run) -> Future[Completion]:
-        """Queue a request; the loop is started on the engine's thread if it is idle."""
+    def submit(self, job: Job) -> Future[Completion]:
+        """Queue a request; the loop is started on the executor if it is idle."""
         future: Future[Completion] = Future()
         with self.lock:
-            self.waiting.append((run, future))
+            self.waiting.append((job, future))
             start = not self.running
             self.running = True
         if start:
-            self.engine._thread.submit(self._loop)
+            self.executor.submit(self._loop)
         return future
 
     # -- on the engine's thread ------------------------------------------------------------
+
+    def reset_cache(self) -> None:
+        """Forget every idle slot's cached prompt (the next requests evaluate theirs whole)."""
+        for slot in self.slots:
+            if slot.active is None:
+                self._forget(slot)
+
+    def _forget(self, slot: Slot) -> None:
+        llama_cpp.llama_memory_seq_rm(self.memory, slot.seq, -1, -1)
+        slot.tokens = []
 
     def _loop(self) -> None:
         try:
             while self._step():
                 pass
         except BaseException as exc:  # fail every request rather than hang them
-            error = EngineError(f"llama.cpp failed while generating with '{self.engine.model.id}': {exc}",
-                                "retry the request; if it keeps failing, lower n_ctx or n_batch in the catalog")
+            error = EngineError(
+                f"llama.cpp failed while generating with '{self.model_id}': {exc}",
+                "retry the request; if it keeps failing, lower n_ctx or n_batch in the catalog",
+            )
             for slot in self.slots:
                 if slot.active is not None:
                     self._finish(slot, error=error)
-                self.L.llama_memory_seq_rm(self.memory, slot.seq, -1, -1)  # its record may be off now
-                slot.tokens = []
+                self._forget(slot)  # its record may be off now
             with self.lock:
                 waiting, self.waiting = list(self.waiting), deque()
                 self.running = False
@@ -176,8 +236,8 @@ class Batcher:
         self._admit()
         for slot in self.slots:
             active = slot.active
-            if active is not None and active.run.cancel.is_set():
-                self._finish(slot, error=Cancelled())
+            if active is not None and active.job.cancel.is_set():
+                self._finish(slot, error=GenerationCancelled())
         prompting = [s for s in self.slots if s.active is not None and s.active.pending]
         if prompting:
             self._eval_prompt(min(prompting, key=lambda s: s.active.started if s.active else 0.0))
@@ -191,24 +251,28 @@ class Batcher:
             return busy
 
     def _reserved(self) -> int:
-        return sum(len(s.active.prompt) + s.active.run.request.max_tokens for s in self.slots if s.active)
+        return sum(len(s.active.prompt) + s.active.job.request.max_tokens for s in self.slots if s.active)
 
     def _admit(self) -> None:
         while True:
             with self.lock:
                 if not self.waiting:
                     return
-                run, future = self.waiting[0]
-            if run.cancel.is_set():
+                job, future = self.waiting[0]
+            if job.cancel.is_set():
                 with self.lock:
                     self.waiting.popleft()
-                future.set_exception(Cancelled())
+                future.set_exception(GenerationCancelled())
                 continue
             try:
-                prompt = self.engine._prompt_tokens(self.llama, run.request)
-                if len(prompt) + run.request.max_tokens > self.n_ctx:
-                    raise ContextOverflowError(prompt_tokens=len(prompt), max_tokens=run.request.max_tokens,
-                                               n_ctx=self.n_ctx, model_id=self.engine.model.id)
+                prompt = self.tokenize(job.request)
+                if len(prompt) + job.request.max_tokens > self.n_ctx:
+                    raise ContextOverflowError(
+                        prompt_tokens=len(prompt),
+                        max_tokens=job.request.max_tokens,
+                        n_ctx=self.n_ctx,
+                        model_id=self.model_id,
+                    )
             except Exception as exc:
                 with self.lock:
                     self.waiting.popleft()
@@ -220,7 +284,7 @@ class Batcher:
             with self.lock:
                 self.waiting.popleft()
             try:
-                self._start(*place, run, future, prompt)
+                self._start(*place, job, future, prompt)
             except Exception as exc:  # the request is in no queue now: fail it, never lose it
                 place[0].active = None
                 future.set_exception(exc)
@@ -255,52 +319,49 @@ class Batcher:
         for other in sorted(idle, key=lambda s: s.last_used):
             if other is slot or (shared and other is source) or needed + held + len(prompt) <= self.n_ctx:
                 continue
-            self.L.llama_memory_seq_rm(self.memory, other.seq, -1, -1)
             held -= len(other.tokens)
-            other.tokens = []
+            self._forget(other)
         return slot, source, shared
 
     def _start(
-        self, slot: Slot, source: Slot, shared: int, run: _Run, future: Future[Completion], prompt: list[int]
+        self, slot: Slot, source: Slot, shared: int, job: Job, future: Future[Completion], prompt: list[int]
     ) -> None:
-        from localsample.engine import StopMatcher
-
         reuse = min(shared, max(len(prompt) - MIN_PROMPT_EVAL, 0))
         if source is slot:
-            self.L.llama_memory_seq_rm(self.memory, slot.seq, reuse, -1)
+            llama_cpp.llama_memory_seq_rm(self.memory, slot.seq, reuse, -1)
         else:
-            self.L.llama_memory_seq_rm(self.memory, slot.seq, -1, -1)
+            llama_cpp.llama_memory_seq_rm(self.memory, slot.seq, -1, -1)
             if reuse:  # tag the source's cells for this sequence too: no copy, no compute
-                self.L.llama_memory_seq_cp(self.memory, source.seq, slot.seq, 0, reuse)
+                llama_cpp.llama_memory_seq_cp(self.memory, source.seq, slot.seq, 0, reuse)
         slot.tokens = prompt[:reuse]
         slot.active = Active(
-            run=run,
+            job=job,
             future=future,
             prompt=prompt,
             pending=prompt[reuse:],
-            sampler=self._sampler(run),
+            sampler=self._sampler(job),
             started=time.perf_counter(),
-            matcher=StopMatcher(run.request.stop),
+            matcher=StopMatcher(job.request.stop),
         )
 
-    def _sampler(self, run: _Run) -> Any:
+    def _sampler(self, job: Job) -> llama_cpp.llama_sampler_p:
         """A sampler chain in llama-cpp-python's order, so results match its generate()."""
-        L = self.L
-        s = self.engine._sampling(run.request)
-        seed = run.request.seed if run.request.seed is not None else self.engine.model.defaults.seed
-        chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
-        penalties = L.llama_sampler_init_penalties(self.n_vocab, 64, s["repeat_penalty"], 0.0, 0.0)
-        L.llama_sampler_chain_add(chain, penalties)
-        if s["temp"] == 0:
-            L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
+        s = job.sampling
+        chain: llama_cpp.llama_sampler_p = llama_cpp.llama_sampler_chain_init(
+            llama_cpp.llama_sampler_chain_default_params()
+        )
+        penalties = llama_cpp.llama_sampler_init_penalties(self.n_vocab, 64, s.repeat_penalty, 0.0, 0.0)
+        llama_cpp.llama_sampler_chain_add(chain, penalties)
+        if s.temperature == 0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
         else:
-            L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(s["top_k"]))
-            L.llama_sampler_chain_add(chain, L.llama_sampler_init_typical(1.0, 1))
-            L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(s["top_p"], 1))
-            L.llama_sampler_chain_add(chain, L.llama_sampler_init_min_p(s["min_p"], 1))
-            L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(s["temp"]))
-            seed = seed if seed is not None else random.getrandbits(31)
-            L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed))
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(s.top_k))
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_typical(1.0, 1))
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(s.top_p, 1))
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_min_p(s.min_p, 1))
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(s.temperature))
+            seed = s.seed if s.seed is not None else random.getrandbits(31)
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed))
         return chain
 
     def _fill(self, rows: list[Row]) -> None:
@@ -312,7 +373,7 @@ class Batcher:
             batch.n_seq_id[i] = 1
             batch.seq_id[i][0] = seq
             batch.logits[i] = logits
-        status = self.L.llama_decode(self.ctx, batch)
+        status = llama_cpp.llama_decode(self.ctx, batch)
         if status != 0:
             raise RuntimeError(f"llama_decode returned {status}")
 
@@ -327,7 +388,7 @@ class Batcher:
         self._fill([(tok, start + i, slot.seq, last and i == len(chunk) - 1) for i, tok in enumerate(chunk)])
         self.prompt_tokens_evaluated += len(chunk)
         slot.tokens.extend(chunk)
-        active.pending = active.pending[len(chunk):]
+        active.pending = active.pending[len(chunk) :]
         if last:
             self._take(slot, len(chunk) - 1)
 
@@ -347,49 +408,47 @@ class Batcher:
         """Sample the next token of the slot's request from batch row ``index``."""
         active = slot.active
         assert active is not None
-        token = self.L.llama_sampler_sample(active.sampler, self.ctx, index)
+        token = llama_cpp.llama_sampler_sample(active.sampler, self.ctx, index)
         if active.first_token_at is None:
             active.first_token_at = time.perf_counter()
-        request = active.run.request
-        if self.L.llama_vocab_is_eog(self.vocab, token):
+        request = active.job.request
+        if llama_cpp.llama_vocab_is_eog(self.vocab, token):
             return self._finish(slot, "endTurn")
         active.count += 1
-        self.engine.tokens_generated += 1
-        text, stop = active.matcher.feed(active.decoder.decode(self.engine._piece(self.llama, token)))
+        self.tokens_generated += 1
+        text, stop = active.matcher.feed(active.decoder.decode(self.piece(token)))
         if text:
             active.parts.append(text)
-            active.run.emit(text, active.count)
+            active.job.emit(text, active.count)
         if stop is not None:
             return self._finish(slot, "stopSequence", stop)
         if active.count >= request.max_tokens:
             return self._finish(slot, "maxTokens")
-        if active.run.cancel.is_set():
-            return self._finish(slot, error=Cancelled())
+        if active.job.cancel.is_set():
+            return self._finish(slot, error=GenerationCancelled())
         active.next_token = token
 
     def _finish(
         self, slot: Slot, reason: StopReason | None = None, stop: str | None = None, error: BaseException | None = None
     ) -> None:
-        from localsample.engine import Completion
-
         active = slot.active
         assert active is not None
         slot.active = None
         slot.last_used = time.monotonic()
-        self.L.llama_sampler_free(active.sampler)
+        llama_cpp.llama_sampler_free(active.sampler)
         if error is not None or reason is None:
-            active.future.set_exception(error or Cancelled())
+            active.future.set_exception(error or GenerationCancelled())
             return
         if stop is None:
             tail = active.matcher.flush() + active.decoder.decode(b"", final=True)
             if tail:
                 active.parts.append(tail)
-                active.run.emit(tail, active.count)
+                active.job.emit(tail, active.count)
         finished = time.perf_counter()
         active.future.set_result(
             Completion(
                 text="".join(active.parts),
-                model=self.engine.model.id,
+                model=self.model_id,
                 stop_reason=reason,
                 stop_sequence=stop,
                 prompt_tokens=len(active.prompt),
@@ -401,7 +460,7 @@ class Batcher:
 
     def close(self) -> None:
         """Free the context (call on the engine's thread, with no loop running)."""
-        if self.ctx:
-            self.L.llama_batch_free(self.batch)
-            self.L.llama_free(self.ctx)
+        if self.ctx is not None:
+            llama_cpp.llama_batch_free(self.batch)
+            llama_cpp.llama_free(self.ctx)
             self.ctx = None

@@ -15,11 +15,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from localsample.errors import CatalogError, ModelFileError, UnknownModelError
+from localsample.packaged import index_model_for
+
+if TYPE_CHECKING:
+    from localsample.gguf_file import GGUFInfo
 
 Capability = Literal["chat", "vision", "tools", "audio"]
 
@@ -252,34 +256,78 @@ def load_catalog(user_catalog: Path | None) -> Catalog:
 HF_SOURCE = re.compile(r"^hf://(?P<repo>[^/]+/[^/]+)/(?P<file>.+\.gguf)$")
 
 
+def cached_hf_file(repo: str, file: str, revision: str | None = None) -> Path | None:
+    """Where the Hugging Face cache holds ``file`` of ``repo``; None if it is not there.
+    Reads only the local cache, never the network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo, file, revision=revision)
+    return Path(found) if isinstance(found, str) else None
+
+
+def find_source(source: str, model_dir: Path) -> Path | None:
+    """The file a catalog ``source`` (or ``mmproj``) names, if it is on this disk: an
+    ``hf://`` source in the HF cache, a relative path under ``model_dir``."""
+    match = HF_SOURCE.match(source)
+    if match:
+        return cached_hf_file(match["repo"], match["file"])
+    path = local_source_path(source, model_dir)
+    return path if path.is_file() else None
+
+
+def local_source_path(source: str, model_dir: Path) -> Path:
+    """A path ``source`` made absolute: relative paths resolve against ``model_dir``."""
+    path = Path(source).expanduser()
+    return path if path.is_absolute() else model_dir / path
+
+
 def resolve_model_path(model: ModelEntry, model_dir: Path) -> Path:
     """The GGUF file for ``model`` on this disk, without touching the network."""
-    match = HF_SOURCE.match(model.source)
-    if match:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(match["repo"], match["file"])
-        if isinstance(cached, str):
-            return Path(cached)
-        raise ModelFileError(
-            f"model '{model.id}' is not downloaded ({model.source} is not in the Hugging Face cache)",
-            f"download it with `hf download {match['repo']} {match['file']}`",
-        )
-    if model.source.startswith("hf://"):
+    if model.source.startswith("hf://") and not HF_SOURCE.match(model.source):
         raise ModelFileError(
             f"model '{model.id}': source {model.source!r} is not of the form hf://ORG/REPO/FILE.gguf",
             "correct the source in the catalog",
         )
-    path = Path(model.source).expanduser()
-    if not path.is_absolute():
-        path = model_dir / path
-    if not path.is_file():
+    found = find_source(model.source, model_dir)
+    if found is not None:
+        return found
+    if HF_SOURCE.match(model.source):
         raise ModelFileError(
-            f"model '{model.id}': file {path} does not exist",
-            "run `python scripts/fetch_model.py` for the default model, or correct `source` "
-            "(relative paths resolve against model_dir, see `localsample config`)",
+            f"model '{model.id}' is not downloaded ({model.source} is not in the Hugging Face cache)",
+            f"download it with `localsample models pull {model.id}`",
         )
-    return path
+    path = local_source_path(model.source, model_dir)
+    if index_model_for(model.id, model.source) is not None:
+        fix = f"download it with `localsample models pull {model.id}`"
+    else:
+        fix = (
+            "register a GGUF of your own with `localsample models import PATH`, or correct `source` "
+            "(relative paths resolve against model_dir, see `localsample config`)"
+        )
+    raise ModelFileError(f"model '{model.id}': file {path} does not exist", fix)
+
+
+NEW_ENTRY_MAX_CTX = 8192
+"""The largest n_ctx a newly registered model gets (its trained context may be larger)."""
+
+
+def new_entry_fields(
+    model_id: str, source: str, info: GGUFInfo, origin: str, mmproj: str | None = None
+) -> dict[str, Any]:
+    """The user-catalog fields of a model registered from a file (pulled or imported):
+    family, description and context size from its GGUF header; ``origin`` ends the
+    description (e.g. ``pulled from ORG/REPO``)."""
+    fields: dict[str, Any] = {
+        "id": model_id,
+        "source": source,
+        "family": info.architecture,
+        "description": f"{info.name or model_id}, {info.quantization}, {origin}",
+        "capabilities": ["chat", "vision"] if mmproj else ["chat"],
+        "load": {"n_ctx": min(info.context_length or 4096, NEW_ENTRY_MAX_CTX)},
+    }
+    if mmproj:
+        fields["mmproj"] = mmproj
+    return fields
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -1,89 +1,42 @@
-"""Command line: parse, call the library, print. No logic of its own."""
+"""Command line: parse, call the library, print. No logic of its own.
+
+Errors are not handled here: commands raise, and the command group's error boundary
+(:mod:`localsample.cli_common`) prints them.
+"""
 
 from __future__ import annotations
 
-import json
-import logging
 import sys
 import warnings
-from collections.abc import Callable, Coroutine
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
-import anyio
 import typer
 from mcp import types
 from mcp.shared.exceptions import MCPDeprecationWarning
 
 from localsample import __version__
 from localsample.approval import TerminalApprover
-from localsample.client import NO_BACK_CHANNEL, ServerSpec, call_tool, first_cause, tool_result_text
-from localsample.engine import ChatMessage, Completion, GenerationRequest
-from localsample.errors import LocalsampleError, ServerSpecError
+from localsample.cli_audit import audit_app
+from localsample.cli_common import JsonOption, command_group, make_runtime, output, print_json, run_async
+from localsample.cli_models import models_app
+from localsample.cli_ops import doctor_command, ps_command
+from localsample.client import NO_BACK_CHANNEL, ServerSpec, call_tool, tool_result_text
+from localsample.errors import ServerError, ServerSpecError
+from localsample.generation import ChatMessage, Completion, GenerationRequest
 from localsample.proxy import Proxy
-from localsample.runtime import Runtime
+from localsample.runtime import Origin
 from localsample.sampling import Echo, SamplingHandler
 from localsample.selection import Preferences
 from localsample.settings import config_file_path, load_settings, setting_sources
 
-app = typer.Typer(
+app = command_group(
     name="localsample",
     help="Answer MCP sampling requests with local GGUF models, offline.",
-    no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-
-T = TypeVar("T")
-
-
-def _register_subcommands() -> None:
-    from localsample.cli_audit import audit_app
-    from localsample.cli_models import models_app
-    from localsample.cli_ops import doctor_command, ps_command
-
-    app.add_typer(models_app, name="models")
-    app.add_typer(audit_app, name="audit")
-    app.command("ps")(ps_command)
-    app.command("doctor")(doctor_command)
-
-
-def setup_logging(level: str = "info") -> None:
-    """Every log line goes to stderr: stdout belongs to results (and to MCP in `serve`)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("localsample: %(levelname)s %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.WARNING)  # libraries (httpx, mcp, huggingface_hub) speak only when it matters
-    logging.getLogger("localsample").setLevel(level.upper())
-
-
-def fail(message: str, code: int = 1) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
-
-
-def run_async(func: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Run a coroutine; a LocalsampleError becomes one clear message and exit code 1."""
-    try:
-        return anyio.run(func)
-    except BaseException as exc:  # task groups wrap errors in exception groups
-        cause = first_cause(exc)
-        if isinstance(cause, LocalsampleError):
-            raise fail(str(cause)) from None
-        if isinstance(cause, KeyboardInterrupt):
-            raise fail("interrupted", 130) from None
-        raise
-
-
-def make_runtime() -> Runtime:
-    try:
-        settings = load_settings()
-        setup_logging(settings.log_level)
-        return Runtime(settings)
-    except LocalsampleError as exc:
-        raise fail(str(exc)) from None
 
 
 def version_callback(value: bool) -> None:
@@ -118,11 +71,10 @@ def sample(
     temperature: Annotated[float | None, typer.Option(min=0.0, max=2.0, help="0 = greedy.")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop sequence (repeatable).")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed, for repeatable sampling.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
-    """Generate a reply to PROMPT locally, streaming it to stdout."""
+    """Generate a reply to PROMPT locally, streaming it to stdout (with --json: one JSON object at the end)."""
     runtime = make_runtime()
-    handler = SamplingHandler(runtime, server="sample", ask=TerminalApprover())
 
     async def go() -> None:
         try:
@@ -139,14 +91,19 @@ def sample(
                 sys.stdout.write(text)
                 sys.stdout.flush()
 
-            prefs = Preferences(hints=tuple(hint or ()))
-            completion, reason = await handler.run(
-                request, prefs, request_id="sample", on_text=None if as_json else show, model=model
+            answer = await runtime.answer(
+                request,
+                Origin(server="sample", request_id="sample"),
+                prefs=Preferences(hints=tuple(hint or ())),
+                model=model,
+                ask=TerminalApprover(),
+                on_text=None if as_json else show,
             )
+            completion, reason = answer.completion, answer.reason
         finally:
             runtime.close()
         if as_json:
-            typer.echo(json.dumps(completion_json(completion, reason), indent=2))
+            print_json(completion_json(completion, reason))
         else:
             sys.stdout.write("\n")
             typer.echo(
@@ -159,11 +116,12 @@ def sample(
 
 
 def parse_env(pairs: list[str] | None) -> dict[str, str]:
+    """``--env KEY=VALUE`` options as a mapping."""
     env: dict[str, str] = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise fail(f"--env {pair!r} is not KEY=VALUE")
+            raise ServerSpecError(f"--env {pair!r} is not KEY=VALUE", "write e.g. --env API_KEY=abc")
         env[key] = value
     return env
 
@@ -180,9 +138,7 @@ def terminal_echo(quiet: bool) -> Echo | None:
     return echo
 
 
-ServerOption = Annotated[
-    str, typer.Option("--server", "-s", help="[NAME=]COMMAND or http(s)://URL of the MCP server.")
-]
+ServerOption = Annotated[str, typer.Option("--server", "-s", help="[NAME=]COMMAND or http(s)://URL of the MCP server.")]
 EnvOption = Annotated[list[str] | None, typer.Option("--env", help="KEY=VALUE for a stdio server (repeatable).")]
 CwdOption = Annotated[Path | None, typer.Option("--cwd", help="Working directory for a stdio server.")]
 ProtocolOption = Annotated[
@@ -203,15 +159,15 @@ def call(
     env: EnvOption = None,
     cwd: CwdOption = None,
     protocol: ProtocolOption = "auto",
-    as_json: Annotated[bool, typer.Option("--json", help="Print the whole tool result as JSON.")] = False,
+    as_json: JsonOption = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Do not show tokens live on stderr.")] = False,
 ) -> None:
-    """Call one TOOL of an MCP server, answering its sampling requests locally."""
+    """Call one TOOL of an MCP server, answering its sampling requests locally.
+
+    Prints the tool's text, or with --json the whole tool result.
+    """
     runtime = make_runtime()
-    try:
-        spec = ServerSpec.parse(server, env=parse_env(env), cwd=cwd, protocol=protocol)
-    except LocalsampleError as exc:
-        raise fail(str(exc)) from None
+    spec = ServerSpec.parse(server, env=parse_env(env), cwd=cwd, protocol=protocol)
     echo = None if as_json else terminal_echo(quiet)
     handler = SamplingHandler(runtime, server=spec.name, echo=echo, ask=TerminalApprover())
 
@@ -230,16 +186,15 @@ def call(
         typer.echo(tool_result_text(result))
     if result.is_error:
         text = tool_result_text(result)
+        fix = None
         if NO_BACK_CHANNEL in text:
-            text += "\n  fix: this server pushes sampling requests; run again with --protocol legacy"
-        raise fail(f"tool '{tool}' failed: {text}")
+            fix = "this server pushes sampling requests; run again with --protocol legacy"
+        raise ServerError(f"tool '{tool}' failed: {text}", fix)
 
 
 @app.command()
 def serve(
-    server: Annotated[
-        list[str], typer.Option("--server", "-s", help="[NAME=]COMMAND or http(s)://URL (repeatable).")
-    ],
+    server: Annotated[list[str], typer.Option("--server", "-s", help="[NAME=]COMMAND or http(s)://URL (repeatable).")],
     env: EnvOption = None,
     cwd: CwdOption = None,
     protocol: ProtocolOption = "auto",
@@ -253,12 +208,9 @@ def serve(
     stdout carries the protocol; every log line goes to stderr.
     """
     runtime = make_runtime()
-    try:
-        specs = [ServerSpec.parse(value, env=parse_env(env), cwd=cwd, protocol=protocol) for value in server]
-        proxy = Proxy(runtime, specs)
-        address = parse_listen(listen) if listen else None
-    except LocalsampleError as exc:
-        raise fail(str(exc)) from None
+    specs = [ServerSpec.parse(value, env=parse_env(env), cwd=cwd, protocol=protocol) for value in server]
+    proxy = Proxy(runtime, specs)
+    address = parse_listen(listen) if listen else None
 
     async def go() -> None:
         try:
@@ -273,6 +225,7 @@ def serve(
 
 
 def parse_listen(value: str) -> tuple[str, int]:
+    """``--listen HOST:PORT`` (IPv6 hosts in brackets; an empty host is 127.0.0.1)."""
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise ServerSpecError(f"--listen {value!r} is not HOST:PORT", "write e.g. --listen 127.0.0.1:8765")
@@ -280,34 +233,31 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 
 @app.command()
-def config(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+def config(as_json: JsonOption = False) -> None:
     """Print the effective settings and where each one came from."""
-    try:
-        settings = load_settings()
-    except LocalsampleError as exc:
-        raise fail(str(exc)) from None
+    settings = load_settings()
     sources = setting_sources(settings)
     values = {name: str(value) for name, value in settings.model_dump().items()}
     path = config_file_path()
-    if as_json:
-        payload = {
-            "config_file": str(path),
-            "config_file_exists": path.is_file(),
-            "settings": values,
-            "sources": sources,
-        }
-        typer.echo(json.dumps(payload, indent=2))
-        return
-    typer.echo(f"config file: {path}{'' if path.is_file() else ' (not present)'}")
-    width = max(len(name) for name in values)
-    for name, value in values.items():
-        typer.echo(f"  {name:<{width}}  {value}    [{sources[name]}]")
+    payload = {"config_file": str(path), "config_file_exists": path.is_file(), "settings": values, "sources": sources}
+
+    def text() -> list[str]:
+        width = max(len(name) for name in values)
+        lines = [f"config file: {path}{'' if path.is_file() else ' (not present)'}"]
+        return lines + [f"  {name:<{width}}  {value}    [{sources[name]}]" for name, value in values.items()]
+
+    output(payload, as_json, text)
 
 
-_register_subcommands()
+# After the commands above, so that help lists them first.
+app.add_typer(models_app, name="models")
+app.add_typer(audit_app, name="audit")
+app.command("ps")(ps_command)
+app.command("doctor")(doctor_command)
 
 
 def main() -> None:
+    """The `localsample` program (errors are handled by the command group, see cli_common)."""
     # Sampling is deprecated in the 2026-07-28 spec but kept for 12 months; answering it
     # is this tool's purpose, so the SDK's deprecation warnings are noise here.
     warnings.filterwarnings("ignore", category=MCPDeprecationWarning)

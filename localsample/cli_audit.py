@@ -8,28 +8,24 @@ from typing import Annotated
 import typer
 
 from localsample.audit import AuditLog
-from localsample.errors import LocalsampleError
+from localsample.cli_common import JsonOption, command_group, output
 from localsample.settings import load_settings
 
-audit_app = typer.Typer(help="Read the audit trail of sampling requests.", no_args_is_help=True)
+audit_app = command_group(help="Read the audit trail of sampling requests.")
 
 
-def _log() -> AuditLog:
-    try:
-        settings = load_settings()
-    except LocalsampleError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
-    return AuditLog.from_settings(settings)
+def audit_log() -> AuditLog:
+    """The audit trail the settings name."""
+    return AuditLog.from_settings(load_settings())
 
 
 @audit_app.command("tail")
 def tail_command(
     lines: Annotated[int, typer.Option("-n", "--lines", min=1, help="How many entries.")] = 20,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON lines as they are.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
-    """Show the most recent sampling requests."""
-    log = _log()
+    """Show the most recent sampling requests (with --json: their JSON lines as they are)."""
+    log = audit_log()
     records = log.tail(lines)
     if as_json:
         for record in records:
@@ -51,20 +47,22 @@ def tail_command(
 
 
 @audit_app.command("stats")
-def stats_command(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+def stats_command(as_json: JsonOption = False) -> None:
     """Per-server counts: requests, decisions, tokens, time, models."""
-    log = _log()
+    log = audit_log()
     stats = log.stats()
-    if as_json:
-        typer.echo(json.dumps(stats, indent=2))
-        return
-    if not stats:
-        typer.echo(f"No sampling requests recorded yet ({log.path}).")
-        return
-    for server, s in sorted(stats.items()):
-        decisions = ", ".join(f"{k} {v}" for k, v in sorted(s["decisions"].items()))
-        models = ", ".join(f"{k} {v}" for k, v in sorted(s["models"].items())) or "-"
-        typer.echo(
-            f"{server}: {s['requests']} requests ({decisions}); {s['prompt_tokens']} prompt + "
-            f"{s['completion_tokens']} generated tokens; {s['seconds']:.1f}s; models: {models}"
-        )
+
+    def text() -> list[str]:
+        if not stats:
+            return [f"No sampling requests recorded yet ({log.path})."]
+        lines = []
+        for server, s in sorted(stats.items()):
+            decisions = ", ".join(f"{k} {v}" for k, v in sorted(s["decisions"].items()))
+            models = ", ".join(f"{k} {v}" for k, v in sorted(s["models"].items())) or "-"
+            lines.append(
+                f"{server}: {s['requests']} requests ({decisions}); {s['prompt_tokens']} prompt + "
+                f"{s['completion_tokens']} generated tokens; {s['seconds']:.1f}s; models: {models}"
+            )
+        return lines
+
+    output(stats, as_json, text)

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from localsample.errors import LocalsampleError
+from localsample import manage
+from localsample.cli_common import JsonOption, command_group, make_runtime, output, table
+from localsample.errors import LocalsampleError, RequestError
 from localsample.gguf_file import human_count, human_size
+from localsample.reports import ModelReport, model_report
 from localsample.selection import CAPABILITIES, Needs, Preferences
 
-models_app = typer.Typer(help="Manage and inspect the model catalog.", no_args_is_help=True)
-
-
-def _fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(1)
+models_app = command_group(help="Manage and inspect the model catalog.")
 
 
 @models_app.command("select")
@@ -29,32 +27,31 @@ def select_command(
     needs: Annotated[list[str] | None, typer.Option(help="vision, tools or audio (repeatable).")] = None,
     context: Annotated[int, typer.Option(help="Tokens of context the request needs.")] = 0,
     server: Annotated[str, typer.Option(help="Server name, for its settings (pin, allow-list).")] = "server",
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Show which model a request with these preferences gets, why, and the runners-up."""
-    from localsample.cli import make_runtime
-
     unknown = sorted(set(needs or ()) - set(CAPABILITIES))
     if unknown:
-        raise _fail(f"--needs {', '.join(unknown)}: use {', '.join(CAPABILITIES)}")
+        raise RequestError(f"--needs {', '.join(unknown)}: use {', '.join(CAPABILITIES)}")
     runtime = make_runtime()
-    try:
-        prefs = Preferences(tuple(hint or ()), cost, speed, intelligence)
-        choice = runtime.select(needs=Needs(frozenset(needs or ()), max_tokens=context), prefs=prefs, server=server)
-    except LocalsampleError as exc:
-        raise _fail(str(exc)) from None
+    prefs = Preferences(tuple(hint or ()), cost, speed, intelligence)
+    choice = runtime.select(needs=Needs(frozenset(needs or ()), max_tokens=context), prefs=prefs, server=server)
     ranking = [{"id": r.model.id, "score": round(r.score, 3), "excluded": r.excluded} for r in choice.ranking]
-    if as_json:
-        typer.echo(json.dumps({"model": choice.model.id, "reason": choice.reason, "ranking": ranking}, indent=2))
-        return
-    typer.echo(choice.model.id)
-    typer.echo(f"  why: {choice.reason}")
-    typer.echo("  ranking (score: the request's priorities applied to the catalog's cost/speed/intelligence):")
-    width = max(len(r.model.id) for r in choice.ranking)
-    for r in choice.ranking:
-        mark = "*" if r.model.id == choice.model.id else " "
-        note = f"  - {r.excluded}" if r.excluded else ""
-        typer.echo(f"  {mark} {r.model.id:<{width}}  {r.score:.2f}{note}")
+
+    def text() -> list[str]:
+        lines = [
+            choice.model.id,
+            f"  why: {choice.reason}",
+            "  ranking (score: the request's priorities applied to the catalog's cost/speed/intelligence):",
+        ]
+        width = max(len(r.model.id) for r in choice.ranking)
+        for r in choice.ranking:
+            mark = "*" if r.model.id == choice.model.id else " "
+            note = f"  - {r.excluded}" if r.excluded else ""
+            lines.append(f"  {mark} {r.model.id:<{width}}  {r.score:.2f}{note}")
+        return lines
+
+    output({"model": choice.model.id, "reason": choice.reason, "ranking": ranking}, as_json, text)
 
 
 def _say(text: str) -> None:
@@ -66,108 +63,73 @@ def pull_command(
     ref: Annotated[str, typer.Argument(help="Catalog id, hf://ORG/REPO/FILE.gguf, or ORG/REPO[:QUANT].")],
     model_id: Annotated[str | None, typer.Option("--id", help="Catalog id for a new model.")] = None,
     revision: Annotated[str | None, typer.Option(help="Branch, tag or commit (default: main).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON; no progress bar.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
-    """Download a GGUF model from the Hugging Face hub and add it to your catalog."""
-    import sys
-
-    from localsample.cli import make_runtime
-    from localsample.manage import pull
-
+    """Download a GGUF model from the Hugging Face hub and add it to your catalog (no progress bar with --json)."""
     runtime = make_runtime()
-    try:
-        progress = sys.stderr.isatty() and not as_json
-        done = pull(runtime, ref, new_id=model_id, progress=progress, say=_say, revision=revision)
-    except LocalsampleError as exc:
-        raise _fail(str(exc)) from None
+    progress = sys.stderr.isatty() and not as_json
+    done = manage.pull(runtime, ref, new_id=model_id, progress=progress, say=_say, revision=revision)
     size = sum(p.stat().st_size for p in done.paths)
-    if as_json:
-        data = {"id": done.model_id, "files": [str(p) for p in done.paths], "size": size, "catalog": done.registered}
-        typer.echo(json.dumps(data, indent=2))
-        return
+    data = {"id": done.model_id, "files": [str(p) for p in done.paths], "size": size, "catalog": done.registered}
     where = {"added": "added to your catalog", "updated": "updated in your catalog", "listed": "in the catalog"}
-    typer.echo(f"{done.model_id}: {human_size(size)} ready ({where[done.registered]})")
+    output(data, as_json, lambda: [f"{done.model_id}: {human_size(size)} ready ({where[done.registered]})"])
 
 
 @models_app.command("list")
-def list_command(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+def list_command(as_json: JsonOption = False) -> None:
     """List the catalog's models and whether each is downloaded."""
-    from localsample.cli import make_runtime
-    from localsample.manage import rows
+    found = manage.rows(make_runtime())
 
-    found = rows(make_runtime())
-    if as_json:
-        typer.echo(json.dumps([row.as_json() for row in found], indent=2))
-        return
-    if not found:
-        typer.echo("No models in the catalog. Add one with `localsample models pull ORG/REPO`.")
-        return
-    table = [("ID", "ALIASES", "SIZE", "QUANT", "STATUS")]
-    for row in found:
-        size = human_size(row.size) if row.size is not None else "-"
-        status = "downloaded" if row.downloaded else "missing"
-        table.append((row.id, ",".join(row.aliases) or "-", size, row.quant, status))
-    widths = [max(len(line[i]) for line in table) for i in range(5)]
-    for line in table:
-        typer.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+    def text() -> list[str]:
+        if not found:
+            return ["No models in the catalog. Add one with `localsample models pull ORG/REPO`."]
+        return table(("ID", "ALIASES", "SIZE", "QUANT", "STATUS"), [list_row(row) for row in found])
+
+    output([row.as_json() for row in found], as_json, text)
+
+
+def list_row(row: manage.Row) -> tuple[str, ...]:
+    """One line of `models list`, as table cells."""
+    size = human_size(row.size) if row.size is not None else "-"
+    status = "downloaded" if row.downloaded else "missing"
+    return (row.id, ",".join(row.aliases) or "-", size, row.quant, status)
 
 
 @models_app.command("show")
 def show_command(
     model: Annotated[str, typer.Argument(help="Catalog id or alias.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Show a model: what its GGUF header says, where it is, its catalog settings."""
-    from localsample.cli import make_runtime
-    from localsample.manage import details
+    report = model_report(make_runtime(), model)
+    output(report.as_json(), as_json, lambda: show_lines(report))
 
-    runtime = make_runtime()
-    try:
-        entry, info, files = details(runtime, model)
-    except LocalsampleError as exc:
-        raise _fail(str(exc)) from None
-    data: dict[str, object] = {
-        "id": entry.id,
-        "status": "downloaded" if files else "missing",
-        "source": entry.source,
-        "path": str(files[0]) if files else None,
-        "size": sum(f.stat().st_size for f in files) if files else None,
-        "aliases": entry.aliases,
-        "capabilities": entry.capabilities,
-        "scores": {"cost": entry.cost, "speed": entry.speed, "intelligence": entry.intelligence},
-        "load": entry.load.model_dump(exclude_none=True),
-    }
-    if info is not None:
-        data |= {
-            "architecture": info.architecture,
-            "parameters": info.parameters,
-            "quantization": info.quantization,
-            "context_length": info.context_length,
-            "chat_template": info.template_family if info.chat_template else None,
-            "chat_template_override": entry.chat_template is not None,
-            "split_parts": info.split_count,
-            "vision_projector": str(files[-1]) if entry.mmproj and len(files) > info.split_count else None,
-        }
-    if as_json:
-        typer.echo(json.dumps(data, indent=2))
-        return
-    typer.echo(entry.id + (f" - {entry.description}" if entry.description else ""))
+
+def show_lines(report: ModelReport) -> list[str]:
+    """`models show` as text."""
+    entry, info, files = report.entry, report.info, report.files
+    lines = [entry.id + (f" - {entry.description}" if entry.description else "")]
     if info is None:
-        typer.echo(f"  status        missing: localsample models pull {entry.id}")
+        lines.append(f"  status        missing: localsample models pull {entry.id}")
     else:
         template = info.template_family or ("none (catalog sets chat_template)" if entry.chat_template else "none")
-        typer.echo(f"  architecture  {info.architecture}")
-        typer.echo(f"  parameters    {human_count(info.parameters)}")
-        typer.echo(f"  quantization  {info.quantization}")
-        typer.echo(f"  context       {info.context_length or 'unknown'} trained, n_ctx {entry.load.n_ctx} loaded")
-        typer.echo(f"  chat template {template}")
-        typer.echo(f"  vision        {data['vision_projector'] or 'no projector'}")
-        typer.echo(f"  path          {files[0]}" + (f" (+{len(files) - 1} more)" if len(files) > 1 else ""))
-        typer.echo(f"  size          {human_size(sum(f.stat().st_size for f in files))}")
-    typer.echo(f"  source        {entry.source}")
-    typer.echo(f"  scores        cost {entry.cost}, speed {entry.speed}, intelligence {entry.intelligence}")
+        lines += [
+            f"  architecture  {info.architecture}",
+            f"  parameters    {human_count(info.parameters)}",
+            f"  quantization  {info.quantization}",
+            f"  context       {info.context_length or 'unknown'} trained, n_ctx {entry.load.n_ctx} loaded",
+            f"  chat template {template}",
+            f"  vision        {report.vision_projector or 'no projector'}",
+            f"  path          {files[0]}" + (f" (+{len(files) - 1} more)" if len(files) > 1 else ""),
+            f"  size          {human_size(report.size or 0)}",
+        ]
     load = ", ".join(f"{k}={v}" for k, v in entry.load.model_dump(exclude_none=True).items())
-    typer.echo(f"  load          {load}")
+    return [
+        *lines,
+        f"  source        {entry.source}",
+        f"  scores        cost {entry.cost}, speed {entry.speed}, intelligence {entry.intelligence}",
+        f"  load          {load}",
+    ]
 
 
 @models_app.command("rm")
@@ -176,24 +138,16 @@ def rm_command(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
 ) -> None:
     """Delete models' files (and their entries in your catalog)."""
-    import sys
-
-    from localsample.cli import make_runtime
-    from localsample.manage import removal_size, remove
-
     runtime = make_runtime()
-    try:
-        sizes = [removal_size(runtime, name) for name in models]
-    except LocalsampleError as exc:
-        raise _fail(str(exc)) from None
+    sizes = [manage.removal_size(runtime, name) for name in models]
     if not yes:
         if not sys.stdin.isatty():
-            raise _fail("models rm asks before deleting; pass --yes to run without a terminal")
+            raise LocalsampleError("models rm asks before deleting", "pass --yes to run without a terminal")
         listed = ", ".join(f"{m.id} ({human_size(size)})" for m, size in sizes)
         if not typer.confirm(f"Delete {listed}?", default=False, err=True):
             raise typer.Exit(1)
     for model, _ in sizes:
-        done = remove(runtime, model.id)
+        done = manage.remove(runtime, model.id)
         note = "" if done.entry_removed else " (the packaged catalog still lists it)"
         kept = f"; left in place: {', '.join(map(str, done.kept))}" if done.kept else ""
         typer.echo(f"removed {done.model_id}: freed {human_size(done.freed)}{note}{kept}")
@@ -207,12 +161,6 @@ def import_command(
     mmproj: Annotated[Path | None, typer.Option(help="Its vision projector (mmproj GGUF).")] = None,
 ) -> None:
     """Register a local GGUF in your catalog (its header is checked; no copy unless --copy)."""
-    from localsample.cli import make_runtime
-    from localsample.manage import import_model
-
     runtime = make_runtime()
-    try:
-        new_id, updated = import_model(runtime, path, new_id=model_id, copy=copy, mmproj=mmproj)
-    except LocalsampleError as exc:
-        raise _fail(str(exc)) from None
+    new_id, updated = manage.import_model(runtime, path, new_id=model_id, copy=copy, mmproj=mmproj)
     typer.echo(f"{new_id}: {'updated in' if updated else 'added to'} your catalog ({runtime.settings.catalog_path})")

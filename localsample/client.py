@@ -14,7 +14,7 @@ import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from mcp import Client, StdioServerParameters, types
@@ -22,7 +22,7 @@ from mcp.client.session import ElicitationFnT, ListRootsFnT, LoggingFnT, Message
 from mcp.shared.exceptions import MCPError
 
 from localsample import __version__
-from localsample.errors import ServerError, ServerSpecError
+from localsample.errors import INVALID_REQUEST, ServerError, ServerSpecError, is_connection_closed
 
 PROTOCOLS = ("auto", "legacy", "2026-07-28")
 """``auto``: 2026-07-28 where the server offers it, else the initialize handshake;
@@ -68,7 +68,9 @@ class ServerSpec:
         if spec.startswith(("http://", "https://")):
             host = urlsplit(spec).hostname
             if not host:
-                raise ServerSpecError(f"--server {value!r}: the URL has no host", "give a URL like http://127.0.0.1:8000/mcp")
+                raise ServerSpecError(
+                    f"--server {value!r}: the URL has no host", "give a URL like http://127.0.0.1:8000/mcp"
+                )
             return cls(name=name or host, url=spec, protocol=protocol)
         try:
             command = shlex.split(spec)
@@ -204,8 +206,22 @@ def tool_result_text(result: types.CallToolResult) -> str:
     return json.dumps([block.model_dump(mode="json", by_alias=True) for block in result.content], indent=2)
 
 
+McpErrorKind = Literal["closed", "no_back_channel", "other"]
+
+
+def mcp_error_kind(exc: MCPError) -> McpErrorKind:
+    """What an MCP error from (or about) a server means to us: its connection is gone, it
+    could not push a sampling request on this transport, or an error of its own."""
+    if is_connection_closed(exc.code, exc.message):
+        return "closed"
+    if exc.code == INVALID_REQUEST and NO_BACK_CHANNEL in exc.message:
+        return "no_back_channel"
+    return "other"
+
+
 def mcp_error(spec: ServerSpec, exc: MCPError) -> ServerError:
-    if "connection closed" in str(exc).lower():
+    kind = mcp_error_kind(exc)
+    if kind == "closed":
         return ServerError(
             f"server '{spec.name}' closed the connection (it exited or crashed; its own error output, "
             "if any, is above)",
@@ -213,7 +229,7 @@ def mcp_error(spec: ServerSpec, exc: MCPError) -> ServerError:
             if spec.url is None
             else "check that the server is still running",
         )
-    if NO_BACK_CHANNEL in str(exc):
+    if kind == "no_back_channel":
         return ServerError(
             f"server '{spec.name}' could not send its sampling request: {exc}",
             "this server pushes sampling requests; run again with --protocol legacy",

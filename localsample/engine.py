@@ -20,27 +20,22 @@ import io
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from localsample.batch import Batcher
+from localsample.batch import Batcher, ContextSettings
 from localsample.catalog import ModelEntry
 from localsample.errors import ModelFileError, RequestError
+from localsample.generation import Completion, GenerationRequest, Job, OnText, SamplerSettings
+from localsample.gguf_file import check_gguf_file, files_size
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
 
 log = logging.getLogger(__name__)
-
-Role = Literal["system", "user", "assistant"]
-StopReason = Literal["endTurn", "stopSequence", "maxTokens"]
-OnText = Callable[[str, int], Awaitable[None]]
-"""Called on the event loop with each new piece of text and the completion tokens so far."""
 
 STREAM_INTERVAL = 0.05
 """Seconds between deliveries of streamed text to the event loop (about 20 a second)."""
@@ -56,100 +51,19 @@ LLAMA_DEFAULTS: dict[str, float | int] = {
 }
 
 
-@dataclass(frozen=True)
-class ChatMessage:
-    role: Role
-    content: str
+def sampler_settings(request: GenerationRequest, model: ModelEntry) -> SamplerSettings:
+    """The request's sampler values, else the catalog entry's defaults, else llama-cpp-python's."""
+    chosen: dict[str, Any] = {}
+    for name, fallback in LLAMA_DEFAULTS.items():
+        value = getattr(request, name)
+        if value is None:
+            value = getattr(model.defaults, name)
+        chosen[name] = fallback if value is None else value
+    seed = request.seed if request.seed is not None else model.defaults.seed
+    return SamplerSettings(seed=seed, **chosen)
 
 
-@dataclass(frozen=True)
-class GenerationRequest:
-    """What to generate. ``None`` sampling values fall back to the catalog's defaults."""
-
-    messages: Sequence[ChatMessage]
-    max_tokens: int
-    system: str | None = None
-    stop: Sequence[str] = ()
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    repeat_penalty: float | None = None
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.max_tokens <= 0:
-            raise RequestError(f"maxTokens must be positive (got {self.max_tokens})", "send maxTokens >= 1")
-        if not self.messages:
-            raise RequestError("the request has no messages", "send at least one user message")
-
-
-@dataclass(frozen=True)
-class Completion:
-    """A finished generation with its counts and timings (seconds)."""
-
-    text: str
-    model: str
-    stop_reason: StopReason
-    stop_sequence: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    time_to_first_token: float
-    duration: float
-
-    @property
-    def decode_tokens_per_second(self) -> float:
-        """Tokens after the first, over the time after the first (prompt eval excluded)."""
-        decode_time = self.duration - self.time_to_first_token
-        if self.completion_tokens < 2 or decode_time <= 0:
-            return 0.0
-        return (self.completion_tokens - 1) / decode_time
-
-
-class StopMatcher:
-    """Finds stop sequences in streamed text, holding back a possible partial match."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self._held = ""
-
-    def feed(self, piece: str) -> tuple[str, str | None]:
-        """Text safe to emit now, and the stop sequence found (the text before it is returned)."""
-        if not self.stops:
-            return piece, None
-        text = self._held + piece
-        found: tuple[int, str] | None = None
-        for stop in self.stops:
-            index = text.find(stop)
-            if index >= 0 and (found is None or index < found[0]):
-                found = (index, stop)
-        if found is not None:
-            self._held = ""
-            return text[: found[0]], found[1]
-        hold = 0
-        for stop in self.stops:
-            for size in range(min(len(stop) - 1, len(text)), hold, -1):
-                if text.endswith(stop[:size]):
-                    hold = size
-                    break
-        self._held = text[len(text) - hold :]
-        return text[: len(text) - hold], None
-
-    def flush(self) -> str:
-        held, self._held = self._held, ""
-        return held
-
-
-@dataclass
-class _Run:
-    """State shared between the event loop and one generation's worker thread."""
-
-    request: GenerationRequest
-    emit: Callable[[str, int], None]
-    cancel: threading.Event = field(default_factory=threading.Event)
-
-
-class _TextChannel:
+class TextChannel:
     """Text from the worker thread to the event loop, with as few loop wake-ups as can be.
 
     Waking the loop costs more than it seems: on a small machine the loop thread takes a
@@ -187,10 +101,14 @@ class _TextChannel:
 
 
 class Engine:
-    """A catalog entry's GGUF, loaded lazily on first use."""
+    """A catalog entry's GGUF run in-process by llama.cpp, loaded lazily on first use.
+
+    The first implementation of the ``Generator`` protocol (generation.py).
+    """
 
     def __init__(self, model: ModelEntry, path: Path, slots: int = 8) -> None:
         self.model = model
+        self.model_id = model.id
         self.path = path
         self.slots = slots
         self._llama: Llama | None = None
@@ -199,18 +117,22 @@ class Engine:
         self._pieces: dict[int, bytes] = {}
         self._load_lock = threading.Lock()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{model.id}")
-        self.tokens_generated = 0
-        """Completion tokens produced over this engine's life (read by stats and tests)."""
-        self.in_flight = 0
-        """Requests queued or running on this engine (kept by the pool, on the event loop)."""
-        self.last_used = time.monotonic()
+        self._tokens_before = 0  # tokens generated by batchers already closed
 
     @property
     def size(self) -> int:
         """Bytes of the model's file(s): what loading it maps into memory."""
-        from localsample.pool import files_size
-
         return files_size(self.path)
+
+    @property
+    def tokens_generated(self) -> int:
+        """Completion tokens produced over this engine's life (read by stats and tests)."""
+        return self._tokens_before + (self._batcher.tokens_generated if self._batcher else 0)
+
+    @property
+    def batcher(self) -> Batcher | None:
+        """The scheduler of the loaded model (None until loaded): its counters are stats."""
+        return self._batcher
 
     # -- loading ---------------------------------------------------------------------
 
@@ -258,14 +180,23 @@ class Engine:
                 f"model '{self.model.id}' ({self.path}) has no chat template",
                 "set chat_template in its catalog entry (a Jinja template, as in the model card)",
             )
-        vocab = llama._model
+        handles = llama._model  # llama-cpp-python's model wrapper: the C handles live there
         eos, bos = llama.token_eos(), llama.token_bos()
         self._template = llama_chat_format.Jinja2ChatFormatter(
             template=template,
-            eos_token=vocab.token_get_text(eos) if eos != -1 else "",
-            bos_token=vocab.token_get_text(bos) if bos != -1 else "",
+            eos_token=handles.token_get_text(eos) if eos != -1 else "",
+            bos_token=handles.token_get_text(bos) if bos != -1 else "",
         )
-        self._batcher = Batcher(self, llama, self.slots)
+        self._batcher = Batcher(
+            model_id=self.model.id,
+            model=handles.model,
+            vocab=handles.vocab,
+            settings=ContextSettings.from_load(self.model.load.llama_kwargs()),
+            slots=self.slots,
+            executor=self._thread,
+            tokenize=lambda request: self._prompt_tokens(llama, request),
+            piece=lambda token: self._piece(llama, token),
+        )
         log.info("loaded %s from %s in %.2fs", self.model.id, self.path, time.perf_counter() - started)
         return llama
 
@@ -274,6 +205,7 @@ class Engine:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{self.model.id}")
         with self._load_lock:
             if self._batcher is not None:
+                self._tokens_before += self._batcher.tokens_generated
                 self._batcher.close()
                 self._batcher = None
             if self._llama is not None:
@@ -284,13 +216,9 @@ class Engine:
     async def reset_cache(self) -> None:
         """Forget every cached prompt (the next request evaluates its whole prompt)."""
 
-        def reset() -> None:
-            if self._batcher is not None:
-                for slot in self._batcher.slots:
-                    self._batcher.L.llama_memory_seq_rm(self._batcher.memory, slot.seq, -1, -1)
-                    slot.tokens = []
-
-        await asyncio.get_running_loop().run_in_executor(self._thread, reset)
+        batcher = self._batcher
+        if batcher is not None:
+            await asyncio.get_running_loop().run_in_executor(self._thread, batcher.reset_cache)
 
     # -- generation ------------------------------------------------------------------
 
@@ -304,9 +232,9 @@ class Engine:
         await self.ensure_loaded()
         assert self._batcher is not None
         loop = asyncio.get_running_loop()
-        channel = _TextChannel(loop)
-        run = _Run(request, channel.put)
-        worker = asyncio.wrap_future(self._batcher.submit(run))
+        channel = TextChannel(loop)
+        job = Job(request, sampler_settings(request, self.model), channel.put)
+        worker = asyncio.wrap_future(self._batcher.submit(job))
         worker.add_done_callback(lambda _: channel.wake.set())
         try:
             while True:
@@ -322,7 +250,7 @@ class Engine:
                     await channel.wake.wait()
                     channel.wake.clear()
         finally:
-            run.cancel.set()
+            job.cancel.set()
             if not worker.done():
                 with anyio.CancelScope(shield=True):
                     await asyncio.wait([worker])
@@ -339,21 +267,9 @@ class Engine:
         except Exception as exc:  # jinja2 raises many types, and templates call raise_exception
             raise RequestError(
                 f"the chat template of '{self.model.id}' rejected the conversation: {exc}",
-                "check the order of roles (most templates want user/assistant turns alternating, "
-                "starting with user)",
+                "check the order of roles (most templates want user/assistant turns alternating, starting with user)",
             ) from exc
         return llama.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
-
-    def _sampling(self, request: GenerationRequest) -> dict[str, Any]:
-        defaults = self.model.defaults
-        chosen: dict[str, Any] = {}
-        for name, fallback in LLAMA_DEFAULTS.items():
-            value = getattr(request, name)
-            if value is None:
-                value = getattr(defaults, name)
-            chosen[name] = fallback if value is None else value
-        chosen["temp"] = chosen.pop("temperature")
-        return chosen
 
     def _piece(self, llama: Llama, token: int) -> bytes:
         piece = self._pieces.get(token)
@@ -389,26 +305,3 @@ def quiet_llama_logs() -> None:
 
     _LOG_CALLBACK = forward  # keep a reference: llama.cpp holds only the C pointer
     llama_cpp.llama_log_set(forward, ctypes.c_void_p(0))
-
-
-GGUF_MAGIC = b"GGUF"
-
-
-def check_gguf_file(path: Path, model_id: str) -> None:
-    """Raise ModelFileError unless ``path`` is a readable file that starts like a GGUF."""
-    try:
-        with path.open("rb") as fh:
-            magic = fh.read(4)
-    except FileNotFoundError as exc:
-        raise ModelFileError(
-            f"model '{model_id}': file {path} does not exist",
-            "download it again (for the default model: `python scripts/fetch_model.py`) "
-            "or correct `source` in the catalog",
-        ) from exc
-    except OSError as exc:
-        raise ModelFileError(f"model '{model_id}': cannot read {path}: {exc}", "check the file's permissions") from exc
-    if magic != GGUF_MAGIC:
-        raise ModelFileError(
-            f"model '{model_id}': {path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')",
-            "download the model again; localsample loads only .gguf files",
-        )

@@ -10,25 +10,61 @@ message printed by the CLI or sent to an MCP server always names the fix.
     ├── ModelError
     │   ├── UnknownModelError    no catalog entry with that id, alias or hint
     │   ├── ModelFileError       the GGUF is missing, unreadable or corrupt
-    │   └── HubError             pulling from the Hugging Face hub failed
+    │   └── HubError             a pull failed (Hugging Face hub or package index)
     ├── RequestError             a sampling request we refuse (MCP -32602)
     │   ├── UnsupportedContentError   image/audio/tools we cannot serve yet
     │   └── ContextOverflowError      prompt + max tokens > n_ctx (with the numbers)
+    ├── RejectedError            a human or a policy said no (MCP -1)
     ├── EngineError              llama.cpp failed while generating (MCP -32603)
     │   └── BusyError            too many requests waiting for a model (MCP -32000)
+    ├── GenerationCancelled      the request was cancelled while waiting or generating
     └── ServerError              a downstream MCP server failed or misbehaved
         └── ServerSpecError      a --server value we cannot parse
 
 The MCP error code for each branch lives on the class (``mcp_code``); ``sampling.py``
-turns any of these into ``ErrorData`` without a lookup table of its own.
+turns any of these into ``ErrorData`` without a lookup table of its own. Every error
+code localsample sends or reads is named here, once.
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
 
-INVALID_PARAMS = -32602
-INTERNAL_ERROR = -32603
+from mcp_types import CONNECTION_CLOSED, INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR
+
+USER_REJECTED = -1
+"""A human or a policy rejected a sampling request (the spec's example code)."""
+
+SERVER_BUSY = -32000
+"""Too many requests wait for a model; retry later (JSON-RPC's server-error range)."""
+
+__all__ = [
+    "CONNECTION_CLOSED",
+    "INTERNAL_ERROR",
+    "INVALID_PARAMS",
+    "INVALID_REQUEST",
+    "METHOD_NOT_FOUND",
+    "PARSE_ERROR",
+    "SERVER_BUSY",
+    "USER_REJECTED",
+    "BusyError",
+    "CatalogError",
+    "ConfigError",
+    "ContextOverflowError",
+    "EngineError",
+    "GenerationCancelled",
+    "HubError",
+    "LocalsampleError",
+    "ModelError",
+    "ModelFileError",
+    "RejectedError",
+    "RequestError",
+    "ServerError",
+    "ServerSpecError",
+    "UnknownModelError",
+    "UnsupportedContentError",
+    "is_connection_closed",
+]
 
 
 class LocalsampleError(Exception):
@@ -74,7 +110,7 @@ class ModelFileError(ModelError):
 
 
 class HubError(ModelError):
-    """A pull from the Hugging Face hub failed: unknown repo/file, offline, disk full..."""
+    """A pull failed (Hugging Face hub or package index): unknown repo/file, offline, disk full..."""
 
 
 class RequestError(LocalsampleError):
@@ -103,6 +139,19 @@ class ContextOverflowError(RequestError):
         )
 
 
+class RejectedError(LocalsampleError):
+    """A request a human or a policy rejected (rate limit, approve = deny, a "no")."""
+
+    mcp_code = USER_REJECTED
+
+
+class GenerationCancelled(LocalsampleError):
+    """The request was cancelled (by its caller) while it waited or generated."""
+
+    def __init__(self, problem: str = "the request was cancelled", fix: str | None = None) -> None:
+        super().__init__(problem, fix)
+
+
 class EngineError(LocalsampleError):
     """llama.cpp failed while loading or generating."""
 
@@ -110,7 +159,7 @@ class EngineError(LocalsampleError):
 class BusyError(EngineError):
     """Too many requests are already waiting for a model: retry later."""
 
-    mcp_code = -32000
+    mcp_code = SERVER_BUSY
 
 
 class ServerError(LocalsampleError):
@@ -119,3 +168,12 @@ class ServerError(LocalsampleError):
 
 class ServerSpecError(ServerError):
     """A --server value that cannot be parsed."""
+
+
+def is_connection_closed(code: int, message: str) -> bool:
+    """Whether an MCP error (its code and message) means the peer's connection is gone.
+
+    The SDK reports a closed connection as CONNECTION_CLOSED (-32000) "Connection closed";
+    a server may use -32000 for its own errors too, hence the message check.
+    """
+    return code == CONNECTION_CLOSED and "connection closed" in message.lower()

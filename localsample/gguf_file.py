@@ -9,9 +9,11 @@ which skips arrays it does not need. Quantization names come from llama-cpp-pyth
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import re
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -28,7 +30,7 @@ TEMPLATE_FAMILIES = [
     ("<start_of_turn>", "gemma"),
     ("[INST]", "mistral/llama2"),
     ("<|user|>", "phi/zephyr"),
-    ("<｜User｜>", "deepseek"),
+    ("<\N{FULLWIDTH VERTICAL LINE}User\N{FULLWIDTH VERTICAL LINE}>", "deepseek"),
 ]
 
 
@@ -49,6 +51,48 @@ class GGUFInfo:
         if not self.chat_template:
             return None
         return next((family for marker, family in TEMPLATE_FAMILIES if marker in self.chat_template), "other")
+
+
+GGUF_MAGIC = b"GGUF"
+"""The four bytes every GGUF file starts with."""
+
+
+def check_gguf_file(path: Path, model_id: str) -> None:
+    """Raise ModelFileError unless ``path`` is a readable file that starts like a GGUF."""
+    try:
+        with path.open("rb") as fh:
+            magic = fh.read(4)
+    except FileNotFoundError as exc:
+        raise ModelFileError(
+            f"model '{model_id}': file {path} does not exist",
+            f"run `localsample models pull {model_id}`, or correct `source` in the catalog",
+        ) from exc
+    except OSError as exc:
+        raise ModelFileError(f"model '{model_id}': cannot read {path}: {exc}", "check the file's permissions") from exc
+    if magic != GGUF_MAGIC:
+        raise ModelFileError(
+            f"model '{model_id}': {path} is not a GGUF file (it does not start with b'GGUF')",
+            f"run `localsample models pull {model_id}` to download it again; localsample loads only .gguf files",
+        )
+
+
+def files_size(path: Path) -> int:
+    """Bytes of a GGUF and its other split parts (the parts on disk)."""
+    return paths_size(p for p in split_parts(path) if p.exists())
+
+
+def paths_size(paths: Iterable[Path]) -> int:
+    """Bytes of the given files together (each must exist)."""
+    return sum(p.stat().st_size for p in paths)
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file, read in 1 MB chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def split_parts(path: Path) -> list[Path]:
@@ -112,7 +156,7 @@ class _Header:
         raise ValueError(f"unknown GGUF value type {kind}")
 
     def read(self) -> tuple[dict[str, Any], list[tuple[int, ...]]]:
-        if self.data[:4] != b"GGUF":
+        if self.data[:4] != GGUF_MAGIC:
             raise ValueError("no GGUF magic")
         self.pos = 4
         version = self.scalar("I")
@@ -160,7 +204,7 @@ def read_gguf(path: Path) -> GGUFInfo:
             magic = fh.read(4)
     except OSError as exc:
         raise ModelFileError(f"cannot read {path}: {exc}", "check the path and its permissions") from exc
-    if magic != b"GGUF":
+    if magic != GGUF_MAGIC:
         raise ModelFileError(
             f"{path} is not a GGUF file (it starts with {magic!r})", "give the path of a .gguf model file"
         )

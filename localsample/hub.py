@@ -10,7 +10,6 @@ touches the network: ``serve``, ``call`` and ``sample`` read the cache offline.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -20,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from localsample.catalog import HF_SOURCE, Catalog, ModelEntry
+from localsample.catalog import HF_SOURCE, Catalog, ModelEntry, cached_hf_file, new_entry_fields
 from localsample.errors import HubError
-from localsample.gguf_file import SPLIT, human_size, id_like, quant_from_name
+from localsample.gguf_file import SPLIT, GGUFInfo, human_size, id_like, quant_from_name, sha256_file, split_parts
 
 DEFAULT_QUANT = "Q4_K_M"
 REPO_REF = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+?)(?::(?P<quant>[\w.-]+))?$")
@@ -156,7 +155,7 @@ def _plan(ref: str, catalog: Catalog, new_id: str | None, revision: str | None) 
         if match is None:
             raise HubError(
                 f"model '{existing.id}' is a local file ({existing.source}), not on the hub",
-                "for the default model run `python scripts/fetch_model.py`; otherwise put the file in place",
+                "register a GGUF of your own with `localsample models import PATH`, or correct its `source`",
             )
         plan = PullPlan(match["repo"], None, [RemoteFile(match["file"], 0, None)], existing=existing)
         mm = HF_SOURCE.match(existing.mmproj or "")
@@ -166,12 +165,8 @@ def _plan(ref: str, catalog: Catalog, new_id: str | None, revision: str | None) 
     match = HF_SOURCE.match(ref)
     if match:
         repo, path = match["repo"], match["file"]
-        plan = PullPlan(repo, None, [RemoteFile(path, 0, None)], entry_id=new_id or id_like(path))
-        parts = re.search(r"-(\d{5})-of-(\d{5})\.gguf$", path)
-        if parts:  # a split model: pull every part
-            count, stem = int(parts[2]), path[: parts.start()]
-            plan.files = [RemoteFile(f"{stem}-{i:05d}-of-{count:05d}.gguf", 0, None) for i in range(1, count + 1)]
-        return plan
+        parts = [part.as_posix() for part in split_parts(Path(path))]  # a split model: every part
+        return PullPlan(repo, None, [RemoteFile(part, 0, None) for part in parts], entry_id=new_id or id_like(path))
     match = REPO_REF.match(ref)
     if not match:
         raise HubError(
@@ -184,22 +179,6 @@ def _plan(ref: str, catalog: Catalog, new_id: str | None, revision: str | None) 
     entry_id = new_id or id_like(files[0].path)
     quant = quant_from_name(files[0].path)
     return PullPlan(repo, None, files, mmproj, entry_id=entry_id, quant=quant, listing=listing)
-
-
-def cached_path(repo: str, path: str, revision: str | None = None) -> Path | None:
-    from huggingface_hub import try_to_load_from_cache
-
-    found = try_to_load_from_cache(repo, path, revision=revision)
-    return Path(found) if isinstance(found, str) else None
-
-
-def sha256_file(path: Path) -> str:
-    """The sha256 of a file, read in 1 MB chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _expected_sha256(plan: PullPlan, remote: RemoteFile) -> str | None:
@@ -245,13 +224,13 @@ def download(plan: PullPlan, progress: bool, say: Callable[[str], None]) -> list
     """Download (or find in the cache) every file of the plan, each checked by sha256."""
     from huggingface_hub.utils.tqdm import disable_progress_bars
 
-    present = {f.path: cached_path(plan.repo, f.path, plan.revision) for f in plan.all_files}
+    present = {f.path: cached_hf_file(plan.repo, f.path, plan.revision) for f in plan.all_files}
     if all(present.values()):
         return [p for p in present.values() if p is not None]
     if offline():
         raise HubError(f"{plan.repo}: offline (HF_HUB_OFFLINE is set) and not downloaded yet", OFFLINE_FIX)
     todo = [f for f in plan.all_files if present[f.path] is None]
-    _check_space(plan, todo)
+    check_space(plan, todo)
     with nullcontext() if progress else disable_progress_bars():
         return _download_all(plan, present, say)
 
@@ -282,7 +261,8 @@ def _download_all(plan: PullPlan, present: dict[str, Path | None], say: Callable
     return paths
 
 
-def _check_space(plan: PullPlan, todo: list[RemoteFile]) -> None:
+def check_space(plan: PullPlan, todo: list[RemoteFile]) -> None:
+    """Refuse (HubError) a download that does not fit the free space of the HF cache."""
     sizes = {f.path: f.size for f in plan.listing}
     needed = sum(sizes.get(f.path, f.size) for f in todo)
     from huggingface_hub import constants
@@ -297,16 +277,8 @@ def _check_space(plan: PullPlan, todo: list[RemoteFile]) -> None:
         )
 
 
-def entry_fields(plan: PullPlan, info: Any) -> dict[str, Any]:
+def entry_fields(plan: PullPlan, info: GGUFInfo) -> dict[str, Any]:
     """The catalog fields a pulled model gets, from the plan and its GGUF header."""
-    fields: dict[str, Any] = {
-        "id": plan.entry_id,
-        "source": plan.source,
-        "family": info.architecture,
-        "description": f"{info.name or plan.entry_id}, {info.quantization}, pulled from {plan.repo}",
-        "capabilities": ["chat", "vision"] if plan.mmproj else ["chat"],
-        "load": {"n_ctx": min(info.context_length or 4096, 8192)},
-    }
-    if plan.mmproj:
-        fields["mmproj"] = f"hf://{plan.repo}/{plan.mmproj.path}"
-    return fields
+    assert plan.entry_id is not None
+    mmproj = f"hf://{plan.repo}/{plan.mmproj.path}" if plan.mmproj else None
+    return new_entry_fields(plan.entry_id, plan.source, info, f"pulled from {plan.repo}", mmproj)

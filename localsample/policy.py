@@ -10,24 +10,21 @@ may edit the prompt and parameters, and review the response before it goes back.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from localsample.engine import ChatMessage, GenerationRequest
-from localsample.errors import LocalsampleError, RequestError
+from localsample.errors import RejectedError, RequestError
+from localsample.generation import ChatMessage, GenerationRequest
 from localsample.settings import Settings
+
+log = logging.getLogger(__name__)
 
 WINDOW = 60.0
 """Seconds of the rolling window of the per-minute limits."""
-
-
-class RejectedError(LocalsampleError):
-    """A request a human or a policy rejected (MCP error code -1)."""
-
-    mcp_code = -1
 
 
 @dataclass(frozen=True)
@@ -36,6 +33,7 @@ class Decision:
     by: str  # "policy", "user at the terminal", "host user (elicitation)", "timeout"
     reason: str = ""
     request: GenerationRequest | None = None  # the request to run, if a human edited it
+    human: bool = False  # a person decided (so a person may also review the response)
 
 
 @dataclass(frozen=True)
@@ -71,6 +69,13 @@ class Approver(Protocol):
     async def review(self, pending: Pending, text: str) -> str | None:
         """The response to send (possibly edited), or None to reject it."""
         ...
+
+
+class Asker(Approver, Protocol):
+    """An approver that asks a person (at the terminal, or the host's user)."""
+
+    unavailable: str
+    """Why no person can be asked, when ``available()`` is False (for the log)."""
 
 
 class AutoApprover:
@@ -112,6 +117,24 @@ def edited(
         max_tokens=max_tokens if max_tokens is not None else request.max_tokens,
         temperature=temp if temp is not None else request.temperature,
     )
+
+
+def choose_approver(settings: Settings, server: str, ask: Asker | None) -> Approver:
+    """The approver a server's settings call for: auto, deny, or ``ask`` (a person) when one
+    can be asked here, else its ``ask_fallback``."""
+    policy = settings.server(server)
+    key = f"servers.{server}" if server in settings.servers else 'servers."*"'
+    if policy.approve == "auto":
+        return AutoApprover()
+    if policy.approve == "deny":
+        return DenyApprover(f"approve = deny for server '{server}' ({key}.approve)")
+    if ask is not None and ask.available():
+        return ask
+    where = ask.unavailable if ask is not None else "there is no terminal"
+    log.warning("%s: approve = ask, but %s: %s.ask_fallback = %s", server, where, key, policy.ask_fallback)
+    if policy.ask_fallback == "auto":
+        return AutoApprover()
+    return DenyApprover(f"approve = ask, but {where} to ask on ({key}.ask_fallback = deny)")
 
 
 class Limits:

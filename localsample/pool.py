@@ -14,17 +14,29 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from localsample.catalog import Catalog, ModelEntry, resolve_model_path
-from localsample.engine import Engine
 from localsample.errors import BusyError, ModelFileError
+from localsample.generation import Generator
 from localsample.settings import Settings
 
 log = logging.getLogger(__name__)
+
+GeneratorFactory = Callable[[ModelEntry, Path, int], Generator]
+"""Makes the generator of a catalog model: (entry, its file, parallel slots)."""
+
+
+def llama_generator(model: ModelEntry, path: Path, slots: int) -> Generator:
+    """The in-process llama.cpp engine (imported here, so that importing the pool does not
+    load llama.cpp)."""
+    from localsample.engine import Engine
+
+    return Engine(model, path, slots=slots)
 
 
 def machine_memory() -> int:
@@ -34,13 +46,25 @@ def machine_memory() -> int:
         return 8 << 30
 
 
+@dataclass
+class Resident:
+    """A model's generator and what the pool keeps about it (on the event loop)."""
+
+    model: ModelEntry
+    generator: Generator
+    in_flight: int = 0
+    """Requests queued or running on it."""
+    last_used: float = field(default_factory=time.monotonic)
+
+
 class Pool:
-    def __init__(self, catalog: Catalog, settings: Settings) -> None:
+    def __init__(self, catalog: Catalog, settings: Settings, factory: GeneratorFactory = llama_generator) -> None:
         self.catalog = catalog
         self.settings = settings
+        self.factory = factory
         self.model_dir = settings.model_dir
         self.budget = (settings.memory_budget_mb << 20) if settings.memory_budget_mb else machine_memory() * 3 // 4
-        self._engines: dict[str, Engine] = {}
+        self._residents: dict[str, Resident] = {}
         self._lock = threading.Lock()
 
     def available(self, model: ModelEntry) -> bool:
@@ -51,93 +75,97 @@ class Pool:
             return False
         return True
 
-    def engine(self, model: ModelEntry) -> Engine:
-        """The engine for ``model`` (not loaded yet); ModelFileError if its file is missing."""
+    def resident(self, model: ModelEntry) -> Resident:
+        """The pool's record for ``model`` (not loaded yet); ModelFileError if its file is missing."""
         with self._lock:
-            engine = self._engines.get(model.id)
-            if engine is None or engine.model != model:
-                engine = Engine(model, resolve_model_path(model, self.model_dir), slots=self.settings.parallel)
-                self._engines[model.id] = engine
-            return engine
+            found = self._residents.get(model.id)
+            if found is None or found.model != model:
+                path = resolve_model_path(model, self.model_dir)
+                found = Resident(model, self.factory(model, path, self.settings.parallel))
+                self._residents[model.id] = found
+            return found
 
-    def loaded(self) -> list[Engine]:
-        return [e for e in self._engines.values() if e.loaded]
+    def generator(self, model: ModelEntry) -> Generator:
+        """The generator for ``model`` (not loaded yet); ModelFileError if its file is missing."""
+        return self.resident(model).generator
 
-    def keep_alive(self, engine: Engine) -> float:
-        value = engine.model.keep_alive
+    def loaded(self) -> list[Resident]:
+        return [r for r in self._residents.values() if r.generator.loaded]
+
+    def keep_alive(self, resident: Resident) -> float:
+        value = resident.model.keep_alive
         return self.settings.keep_alive if value is None else value
 
+    async def load(self, model: ModelEntry) -> Generator:
+        """Load ``model`` now, making room first (preload)."""
+        resident = self.resident(model)
+        if not resident.generator.loaded:
+            self._make_room(resident)
+            await resident.generator.ensure_loaded()
+        return resident.generator
+
     @asynccontextmanager
-    async def use(self, model: ModelEntry) -> AsyncIterator[Engine]:
-        """The loaded engine for one request: counted in flight, room made, marked used."""
-        engine = self.engine(model)
-        if engine.in_flight >= self.settings.queue_limit:
+    async def use(self, model: ModelEntry) -> AsyncIterator[Generator]:
+        """The loaded generator for one request: counted in flight, room made, marked used."""
+        resident = self.resident(model)
+        if resident.in_flight >= self.settings.queue_limit:
             raise BusyError(
-                f"busy: {engine.in_flight} requests are already waiting for model '{model.id}'",
+                f"busy: {resident.in_flight} requests are already waiting for model '{model.id}'",
                 "retry later, or raise the queue_limit setting",
             )
-        engine.in_flight += 1
+        resident.in_flight += 1
         try:
-            if not engine.loaded:
-                self._make_room(engine)
-                await engine.ensure_loaded()
-            yield engine
+            yield await self.load(model)
         finally:
-            engine.in_flight -= 1
-            engine.last_used = time.monotonic()
-            if self.keep_alive(engine) == 0 and engine.in_flight == 0:
+            resident.in_flight -= 1
+            resident.last_used = time.monotonic()
+            if self.keep_alive(resident) == 0 and resident.in_flight == 0:
                 log.info("unloading %s (keep_alive = 0)", model.id)
-                engine.close()
+                resident.generator.close()
 
-    def _make_room(self, incoming: Engine) -> None:
+    def _make_room(self, incoming: Resident) -> None:
         while True:
-            others = [e for e in self.loaded() if e is not incoming]
-            used = sum(e.size for e in others) + incoming.size
+            others = [r for r in self.loaded() if r is not incoming]
+            used = sum(r.generator.size for r in others) + incoming.generator.size
             if len(others) < self.settings.max_loaded_models and used <= self.budget:
                 return
-            idle = sorted((e for e in others if e.in_flight == 0), key=lambda e: e.last_used)
+            idle = sorted((r for r in others if r.in_flight == 0), key=lambda r: r.last_used)
             if not idle:
                 log.warning("cannot make room for %s: every loaded model is busy", incoming.model.id)
                 return
             why = "max_loaded_models" if len(others) >= self.settings.max_loaded_models else "memory_budget_mb"
             log.info("unloading %s to make room for %s (%s)", idle[0].model.id, incoming.model.id, why)
-            idle[0].close()
+            idle[0].generator.close()
 
     def reap(self, now: float | None = None) -> list[str]:
         """Unload idle models whose keep-alive has run out; the ids unloaded."""
         now = time.monotonic() if now is None else now
         gone = []
-        for engine in self.loaded():
-            minutes = self.keep_alive(engine)
-            if minutes >= 0 and engine.in_flight == 0 and now >= engine.last_used + minutes * 60:
-                engine.close()
-                gone.append(engine.model.id)
+        for resident in self.loaded():
+            minutes = self.keep_alive(resident)
+            if minutes >= 0 and resident.in_flight == 0 and now >= resident.last_used + minutes * 60:
+                resident.generator.close()
+                gone.append(resident.model.id)
         return gone
 
     def status(self) -> Iterator[dict[str, Any]]:
         """What `localsample ps` shows for each loaded model."""
-        for engine in self.loaded():
-            minutes = self.keep_alive(engine)
-            until = None if minutes < 0 else time.time() + minutes * 60 - (time.monotonic() - engine.last_used)
-            load = engine.model.load
+        for resident in self.loaded():
+            minutes = self.keep_alive(resident)
+            until = None if minutes < 0 else time.time() + minutes * 60 - (time.monotonic() - resident.last_used)
+            load = resident.model.load
             yield {
-                "id": engine.model.id,
-                "size": engine.size,
+                "id": resident.model.id,
+                "size": resident.generator.size,
                 "gpu_layers": load.n_gpu_layers,
                 "processor": "CPU" if load.n_gpu_layers == 0 else "GPU" if load.n_gpu_layers < 0 else "CPU/GPU",
                 "n_ctx": load.n_ctx,
-                "in_flight": engine.in_flight,
-                "until": None if engine.in_flight else until,
+                "in_flight": resident.in_flight,
+                "until": None if resident.in_flight else until,
             }
 
     def close(self) -> None:
         with self._lock:
-            for engine in self._engines.values():
-                engine.close()
-            self._engines.clear()
-
-
-def files_size(path: Path) -> int:
-    from localsample.gguf_file import split_parts
-
-    return sum(p.stat().st_size for p in split_parts(path) if p.exists())
+            for resident in self._residents.values():
+                resident.generator.close()
+            self._residents.clear()

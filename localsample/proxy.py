@@ -29,8 +29,8 @@ from mcp.shared.exceptions import MCPError
 
 from localsample import __version__
 from localsample.approval import ElicitationApprover
-from localsample.client import ServerSpec, connect_error, first_cause, make_client
-from localsample.errors import INTERNAL_ERROR, INVALID_PARAMS, ServerSpecError
+from localsample.client import ServerSpec, connect_error, first_cause, make_client, mcp_error_kind
+from localsample.errors import INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, ServerSpecError
 from localsample.runtime import Runtime
 from localsample.sampling import SamplingHandler
 
@@ -39,8 +39,6 @@ log = logging.getLogger(__name__)
 SEPARATOR = "__"
 REAP_INTERVAL = 5.0
 """Seconds between checks for idle models whose keep-alive has run out."""
-INVALID_REQUEST = -32600
-METHOD_NOT_FOUND = -32601
 Ctx = ServerRequestContext[Any, Any]
 T = TypeVar("T")
 
@@ -214,7 +212,7 @@ class Proxy:
         try:
             return await call(client)
         except MCPError as exc:
-            if "connection closed" not in str(exc).lower():
+            if mcp_error_kind(exc) != "closed":
                 raise
             cause: BaseException = exc
         except (anyio.ClosedResourceError, anyio.BrokenResourceError) as exc:
@@ -290,9 +288,7 @@ class Proxy:
         down, original = route
         return await self._forward(down, lambda c: c.get_prompt(original, params.arguments))
 
-    async def list_resources(
-        self, ctx: Ctx, params: types.PaginatedRequestParams | None
-    ) -> types.ListResourcesResult:
+    async def list_resources(self, ctx: Ctx, params: types.PaginatedRequestParams | None) -> types.ListResourcesResult:
         self._seen(ctx)
         found: list[types.Resource] = []
         for down in self._live():
@@ -420,4 +416,3 @@ class Proxy:
             return await host.list_roots()
         except MCPError as exc:
             return exc.error
-

@@ -1,31 +1,108 @@
-"""The library wired together: settings, catalog and model pool, shared by the CLI
-commands and the MCP sampling handler."""
+"""The library wired together, and the one request pipeline every front end uses.
+
+``Runtime`` holds the settings, catalog, model pool, limits and audit trail. Its
+``answer`` runs a request through select → limits → approve → generate → review →
+audit; the MCP sampling handler, `localsample sample` and (to come) the agent and the
+HTTP API all call it, so policy and audit are the same whoever asks.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import time
+from collections.abc import Awaitable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
-from localsample.audit import AuditLog
+import anyio
+
+from localsample.audit import AuditLog, AuditRecord
 from localsample.catalog import Catalog, load_catalog
-from localsample.engine import Completion, GenerationRequest, OnText
-from localsample.errors import ConfigError, UnknownModelError
-from localsample.policy import Limits
-from localsample.pool import Pool
-from localsample.selection import Choice, Needs, Preferences, ServerPolicy, select
+from localsample.errors import (
+    BusyError,
+    ConfigError,
+    LocalsampleError,
+    RejectedError,
+    UnknownModelError,
+)
+from localsample.generation import Completion, GenerationRequest, OnText
+from localsample.policy import Asker, Decision, Limits, Pending, choose_approver
+from localsample.pool import GeneratorFactory, Pool, llama_generator
+from localsample.selection import Choice, Needs, Preferences, ServerPolicy, estimate_tokens, select
 from localsample.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Who asks: the server name (its settings decide policy), the request's id, and the
+    protocol version it came over (for the audit trail)."""
+
+    server: str
+    request_id: str
+    protocol: str | None = None
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A generated answer and why its model was chosen."""
+
+    completion: Completion
+    reason: str
+
+
+def needs_of(request: GenerationRequest) -> Needs:
+    """What a request needs of a model (an estimate of its prompt's tokens, maxTokens)."""
+    chars = sum(len(m.content) for m in request.messages) + len(request.system or "")
+    return Needs(prompt_tokens=estimate_tokens(chars, len(request.messages)), max_tokens=request.max_tokens)
+
+
+def model_names(settings: Settings) -> Iterator[tuple[str, str]]:
+    """Every model name the settings use, with the setting that names it."""
+    yield "default_model", settings.default_model
+    for name in settings.preload or []:
+        yield "preload", name
+    for server, policy in settings.servers.items():
+        if policy.model:
+            yield f"servers.{server}.model", policy.model
+        for name in policy.allow_models:
+            yield f"servers.{server}.allow_models", name
+
+
+def unknown_model_names(settings: Settings, catalog: Catalog) -> list[ConfigError]:
+    """One ConfigError per model name in the settings that the catalog does not know."""
+    problems = []
+    for key, name in model_names(settings):
+        try:
+            catalog.get(name)
+        except UnknownModelError:
+            problems.append(
+                ConfigError(
+                    f"setting {key} names '{name}', which is not in the catalog",
+                    f"use a catalog id or alias ({', '.join(catalog.ids()) or 'none'}), or add a [[models]] "
+                    f"entry for '{name}' to your catalog ({settings.catalog_path})",
+                )
+            )
+    return problems
 
 
 class Runtime:
-    def __init__(self, settings: Settings | None = None, catalog: Catalog | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        catalog: Catalog | None = None,
+        *,
+        factory: GeneratorFactory = llama_generator,
+    ) -> None:
         self.settings = settings or load_settings()
         self.catalog = catalog or load_catalog(self.settings.catalog_path)
-        self.pool = Pool(self.catalog, self.settings)
+        self.pool = Pool(self.catalog, self.settings, factory)
         self.limits = Limits(self.settings)
         self.publishing = False  # `serve` turns this on: its status is what `ps` shows
         self.started = time.time()
@@ -33,19 +110,11 @@ class Runtime:
         self._check_settings()
 
     def _check_settings(self) -> None:
-        """Model names in the settings must exist in the catalog."""
-        names = [("default_model", self.settings.default_model)]
-        for server, policy in self.settings.servers.items():
-            if policy.model:
-                names.append((f"servers.{server}.model", policy.model))
-            names += [(f"servers.{server}.allow_models", name) for name in policy.allow_models]
-        for key, name in names:
-            try:
-                self.catalog.get(name)
-            except UnknownModelError as exc:
-                raise ConfigError(
-                    f"setting {key} names '{name}', which is not in the catalog", exc.fix
-                ) from exc
+        """Model names in the settings must exist in the catalog (the first one that does not
+        is raised; `localsample doctor` lists them all)."""
+        problems = unknown_model_names(self.settings, self.catalog)
+        if problems:
+            raise problems[0]
 
     def select(
         self,
@@ -70,12 +139,128 @@ class Runtime:
         )
 
     async def complete(self, choice: Choice, request: GenerationRequest, on_text: OnText | None = None) -> Completion:
+        """Generate with the chosen model, no policy applied (``answer`` applies it)."""
         log.debug("model %s: %s", choice.model.id, choice.reason)
         try:
-            async with self.pool.use(choice.model) as engine:
-                return await engine.generate(request, on_text)
+            async with self.pool.use(choice.model) as generator:
+                return await generator.generate(request, on_text)
         finally:
             self.publish_status()
+
+    # -- the request pipeline ------------------------------------------------------------
+
+    async def answer(
+        self,
+        request: GenerationRequest,
+        origin: Origin,
+        *,
+        prefs: Preferences | None = None,
+        model: str | None = None,
+        ask: Asker | None = None,
+        on_text: OnText | None = None,
+    ) -> Answer:
+        """Select, check limits, ask approval, generate, review; one audit record whatever
+        happens. ``model`` names a catalog id or alias explicitly; ``ask`` is the way to
+        ask a person in the caller's context (used when the server's settings say so)."""
+        record = AuditRecord(origin.server, origin.request_id, origin.protocol)
+        try:
+            answer = await self._answer(request, origin, prefs or Preferences(), model, ask, on_text, record)
+            record.decision = record.decision or "approved"
+            return answer
+        except BusyError as exc:
+            record.decision, record.error = "busy", exc.one_line()
+            raise
+        except RejectedError as exc:
+            record.decision, record.error = "rejected", exc.one_line()
+            raise
+        except LocalsampleError as exc:
+            record.decision, record.error = "error", exc.one_line()
+            raise
+        except anyio.get_cancelled_exc_class():
+            record.decision = "cancelled"
+            raise
+        except Exception as exc:
+            record.decision, record.error = "error", str(exc)
+            raise
+        finally:
+            self.record(record)
+
+    async def _answer(
+        self,
+        request: GenerationRequest,
+        origin: Origin,
+        prefs: Preferences,
+        model: str | None,
+        ask: Asker | None,
+        on_text: OnText | None,
+        record: AuditRecord,
+    ) -> Answer:
+        started = time.perf_counter()
+        server = origin.server
+        choice = self.select(model=model, needs=needs_of(request), prefs=prefs, server=server)
+        record.model, record.reason = choice.model.id, choice.reason
+        request = self.limits.check(server, request)
+        pending = Pending(server, choice.model.id, choice.reason, request)
+        approver = choose_approver(self.settings, server, ask)
+        decision = await self._timed(server, approver.approve(pending))
+        if decision is None:
+            timeout = self.settings.server(server).ask_timeout
+            decision = Decision(False, "timeout", f"no answer within {timeout:g} s (ask_timeout)")
+        record.by = decision.by
+        if not decision.approved:
+            raise RejectedError(
+                f"sampling request rejected by the {decision.by}: {decision.reason}",
+                "ask the user, or change the server's approve setting",
+            )
+        record.decision = "approved"
+        request = decision.request or request
+        include_text = self.audit is not None and self.audit.include_text
+        if include_text:
+            record.system = request.system
+            record.messages = [[m.role, m.content] for m in request.messages]
+        completion = await self.complete(choice, request, on_text)
+        self.limits.record_tokens(server, completion.completion_tokens)
+        record.prompt_tokens = completion.prompt_tokens
+        record.completion_tokens = completion.completion_tokens
+        record.time_to_first_token = round(completion.time_to_first_token, 4)
+        record.duration = round(completion.duration, 4)
+        record.stop_reason = completion.stop_reason
+        if self.settings.server(server).review_response and decision.human:
+            reviewed = await self._timed(server, approver.review(pending, completion.text))
+            if reviewed is None:
+                record.by = f"{decision.by} (response rejected)"
+                record.decision = None
+                raise RejectedError(f"the {decision.by} rejected the response", "ask the user")
+            completion = dataclasses.replace(completion, text=reviewed)
+        if include_text:
+            record.response = completion.text
+        log.info(
+            "%s: request %s answered by %s (%s): %d+%d tokens, %s, %.2fs",
+            server,
+            origin.request_id,
+            completion.model,
+            choice.reason,
+            completion.prompt_tokens,
+            completion.completion_tokens,
+            completion.stop_reason,
+            time.perf_counter() - started,
+        )
+        return Answer(completion, choice.reason)
+
+    async def _timed(self, server: str, pending: Awaitable[T]) -> T | None:
+        """``pending``'s result, or None after the server's ask_timeout."""
+        with anyio.move_on_after(self.settings.server(server).ask_timeout):
+            return await pending
+        return None
+
+    def record(self, record: AuditRecord) -> None:
+        """Append to the audit trail (when on); a failure to write is logged, never fatal."""
+        if self.audit is None:
+            return
+        try:
+            self.audit.write(record)
+        except OSError as exc:  # the trail must not take the daemon down
+            log.error("audit trail not written (%s): %s", self.audit.path, exc)
 
     async def preload(self) -> None:
         """Load the preload models (default: the default model) so no request waits for it."""
@@ -85,9 +270,7 @@ class Runtime:
             if not self.pool.available(model):
                 log.warning("not preloading %s: not downloaded (localsample models pull %s)", model.id, model.id)
                 continue
-            engine = self.pool.engine(model)
-            self.pool._make_room(engine)
-            await engine.ensure_loaded()
+            await self.pool.load(model)
         self.publish_status()
 
     def reap(self) -> None:

@@ -1,35 +1,33 @@
-"""The MCP boundary: ``sampling/createMessage`` params ⇄ the engine.
+"""The MCP boundary: ``sampling/createMessage`` params ⇄ the library's request pipeline.
 
 ``SamplingHandler`` is the one sampling callback every connection uses, in both spec eras:
 requests pushed by servers (≤ 2025-11-25) and requests carried in ``InputRequiredResult``
-(2026-07-28), which the SDK's ``Client`` hands to the same callback. It validates the
-request, picks the model, streams progress notifications when the request carries a
-progress token, and answers with one text block. Every failure becomes an ``ErrorData``
-(-32602 for a request we refuse, -32603 for an engine failure); the caller keeps serving.
-A cancelled request raises out of the callback, so the SDK sends no response.
+(2026-07-28), which the SDK's ``Client`` hands to the same callback. It validates and maps
+the request, hands it to ``Runtime.answer`` (selection, limits, approval, generation,
+review, audit), streams progress notifications when the request carries a progress
+token, and answers with one text block. Every failure becomes an ``ErrorData`` (-32602
+for a request we refuse, -32603 for an engine failure); the caller keeps serving. A
+cancelled request raises out of the callback, so the SDK sends no response.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
-import anyio
 from mcp import types
 from mcp.client.session import ClientRequestContext
 
-from localsample.approval import HOST, TERMINAL, ElicitationApprover
-from localsample.engine import ChatMessage, Completion, GenerationRequest, OnText
+from localsample.audit import AuditRecord
 from localsample.errors import INTERNAL_ERROR, LocalsampleError, RequestError, UnsupportedContentError
-from localsample.policy import Approver, AutoApprover, Decision, DenyApprover, Pending, RejectedError
-from localsample.runtime import Runtime
-from localsample.selection import Needs, Preferences, estimate_tokens
+from localsample.generation import ChatMessage, Completion, GenerationRequest
+from localsample.policy import Asker
+from localsample.runtime import Origin, Runtime
+from localsample.selection import Preferences
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 PROGRESS_INTERVAL = 0.1
 """Seconds between progress notifications for one request (at most ~10 a second)."""
@@ -123,11 +121,6 @@ def preferences_of(params: types.CreateMessageRequestParams) -> Preferences:
     )
 
 
-def needs_of(request: GenerationRequest) -> Needs:
-    chars = sum(len(m.content) for m in request.messages) + len(request.system or "")
-    return Needs(prompt_tokens=estimate_tokens(chars, len(request.messages)), max_tokens=request.max_tokens)
-
-
 def to_result(completion: Completion) -> types.CreateMessageResult:
     """One text block (what 1.x servers validate), the model that ran, the exact stop reason."""
     return types.CreateMessageResult(
@@ -138,7 +131,7 @@ def to_result(completion: Completion) -> types.CreateMessageResult:
     )
 
 
-class _Progress:
+class Progress:
     """Sends progress notifications for one request: tokens so far, maxTokens, the text."""
 
     def __init__(self, ctx: ClientRequestContext, token: str | int, total: int) -> None:
@@ -165,170 +158,56 @@ class _Progress:
 class SamplingHandler:
     """The sampling callback: ``await handler(ctx, params)`` → result or ``ErrorData``.
 
-    ``ask`` is the way to ask a human in this context (the terminal for `call`, the host's
-    elicitation for `serve`); the server's settings decide whether it is used.
+    ``ask`` is the way to ask a person in this context (the terminal for `call`, the
+    host's elicitation for `serve`); the server's settings decide whether it is used.
+    ``echo`` receives the generated text as it streams (`call` shows it on a terminal).
     """
 
     def __init__(
-        self, runtime: Runtime, *, server: str = "server", echo: Echo | None = None, ask: Approver | None = None
+        self, runtime: Runtime, *, server: str = "server", echo: Echo | None = None, ask: Asker | None = None
     ) -> None:
         self.runtime = runtime
         self.server = server
         self.echo = echo
         self.ask = ask
 
-    def approver(self) -> Approver:
-        policy = self.runtime.settings.server(self.server)
-        key = f"servers.{self.server}" if self.server in self.runtime.settings.servers else 'servers."*"'
-        if policy.approve == "auto":
-            return AutoApprover()
-        if policy.approve == "deny":
-            return DenyApprover(f"approve = deny for server '{self.server}' ({key}.approve)")
-        if self.ask is not None and self.ask.available():
-            return self.ask
-        where = "the host does not support elicitation" if isinstance(self.ask, ElicitationApprover) else (
-            "there is no terminal"
-        )
-        log.warning("%s: approve = ask, but %s: %s.ask_fallback = %s", self.server, where, key, policy.ask_fallback)
-        if policy.ask_fallback == "auto":
-            return AutoApprover()
-        return DenyApprover(f"approve = ask, but {where} to ask on ({key}.ask_fallback = deny)")
-
     async def __call__(
         self, context: ClientRequestContext, params: types.CreateMessageRequestParams
     ) -> types.CreateMessageResult | types.ErrorData:
         ctx = context
-        protocol = getattr(ctx.session, "protocol_version", None)
+        origin = Origin(self.server, str(ctx.request_id), getattr(ctx.session, "protocol_version", None))
         try:
             request = to_generation_request(params)
             prefs = preferences_of(params)
         except LocalsampleError as exc:
-            record = {"server": self.server, "request_id": str(ctx.request_id), "protocol": protocol}
-            self._audit(record | {"decision": "error", "error": exc.one_line()})
+            refused = AuditRecord(origin.server, origin.request_id, origin.protocol)
+            refused.decision, refused.error = "error", exc.one_line()
+            self.runtime.record(refused)
             return self._error(ctx.request_id, exc)
         if params.include_context not in (None, "none"):
             log.info("%s: includeContext=%s treated as none", self.server, params.include_context)
         token = ctx.meta.get("progress_token") if ctx.meta else None
-        progress = _Progress(ctx, token, request.max_tokens) if token is not None else None
+        progress = Progress(ctx, token, request.max_tokens) if token is not None else None
+        echo = self.echo
+
+        async def on_text(text: str, tokens: int) -> None:
+            if echo is not None:
+                echo(text)
+            if progress is not None:
+                await progress(text, tokens)
+
+        wants_text = progress is not None or echo is not None
         try:
-            completion, _ = await self.run(
-                request, prefs, request_id=str(ctx.request_id), protocol=protocol, on_text=progress
+            answer = await self.runtime.answer(
+                request, origin, prefs=prefs, ask=self.ask, on_text=on_text if wants_text else None
             )
         except LocalsampleError as exc:
             return self._error(ctx.request_id, exc)
         except Exception as exc:
             log.exception("%s: sampling request %s failed", self.server, ctx.request_id)
             return types.ErrorData(code=INTERNAL_ERROR, message=f"localsample failed to generate: {exc}")
-        return to_result(completion)
+        return to_result(answer.completion)
 
     def _error(self, request_id: object, exc: LocalsampleError) -> types.ErrorData:
         log.warning("%s: sampling request %s refused: %s", self.server, request_id, exc.one_line())
         return types.ErrorData(code=exc.mcp_code, message=exc.one_line())
-
-    async def run(
-        self,
-        request: GenerationRequest,
-        prefs: Preferences,
-        *,
-        request_id: str,
-        protocol: str | None = None,
-        on_text: OnText | None = None,
-        model: str | None = None,
-    ) -> tuple[Completion, str]:
-        """Select, check limits, ask approval, generate, review; one audit line whatever happens.
-        Returns the completion and why its model was chosen."""
-        record: dict[str, Any] = {"server": self.server, "request_id": request_id, "protocol": protocol}
-        try:
-            completion = await self._answer(request, prefs, record, on_text, model)
-            record["decision"] = record.get("decision") or "approved"
-            return completion, str(record["reason"])
-        except LocalsampleError as exc:
-            record.setdefault("decision", "rejected" if exc.mcp_code == -1 else "error")
-            record["error"] = exc.one_line()
-            raise
-        except anyio.get_cancelled_exc_class():
-            record["decision"] = "cancelled"
-            raise
-        except Exception as exc:
-            record["decision"], record["error"] = "error", str(exc)
-            raise
-        finally:
-            self._audit(record)
-
-    async def _answer(
-        self,
-        request: GenerationRequest,
-        prefs: Preferences,
-        record: dict[str, Any],
-        on_progress: OnText | None,
-        model: str | None,
-    ) -> Completion:
-        started = time.perf_counter()
-        choice = self.runtime.select(model=model, needs=needs_of(request), prefs=prefs, server=self.server)
-        record |= {"model": choice.model.id, "reason": choice.reason}
-        request = self.runtime.limits.check(self.server, request)
-        pending = Pending(self.server, choice.model.id, choice.reason, request)
-        decision = await self._decide(pending)
-        record |= {"decision": "approved" if decision.approved else "rejected", "by": decision.by}
-        if not decision.approved:
-            raise RejectedError(
-                f"sampling request rejected by the {decision.by}: {decision.reason}",
-                "ask the user, or change the server's approve setting",
-            )
-        request = decision.request or request
-        if self.runtime.audit is not None and self.runtime.audit.include_text:
-            record |= {"system": request.system, "messages": [[m.role, m.content] for m in request.messages]}
-        echo = self.echo
-
-        async def on_text(text: str, tokens: int) -> None:
-            if echo is not None:
-                echo(text)
-            if on_progress is not None:
-                await on_progress(text, tokens)
-
-        wants_text = on_progress is not None or echo is not None
-        completion = await self.runtime.complete(choice, request, on_text if wants_text else None)
-        self.runtime.limits.record_tokens(self.server, completion.completion_tokens)
-        record |= {
-            "prompt_tokens": completion.prompt_tokens,
-            "completion_tokens": completion.completion_tokens,
-            "time_to_first_token": round(completion.time_to_first_token, 4),
-            "duration": round(completion.duration, 4),
-            "stop_reason": completion.stop_reason,
-        }
-        if self.runtime.settings.server(self.server).review_response and decision.by in (TERMINAL, HOST):
-            reviewed = await self._timed(self.approver().review(pending, completion.text))
-            if reviewed is None:
-                record["by"] = f"{decision.by} (response rejected)"
-                raise RejectedError(f"the {decision.by} rejected the response", "ask the user")
-            completion = dataclasses.replace(completion, text=reviewed)
-        if self.runtime.audit is not None and self.runtime.audit.include_text:
-            record["response"] = completion.text
-        log.info(
-            "%s: request %s answered by %s (%s): %d+%d tokens, %s, %.2fs",
-            self.server, record["request_id"], completion.model, choice.reason, completion.prompt_tokens,
-            completion.completion_tokens, completion.stop_reason, time.perf_counter() - started,
-        )
-        return completion
-
-    async def _decide(self, pending: Pending) -> Decision:
-        approver = self.approver()
-        decision = await self._timed(approver.approve(pending))
-        if decision is None:
-            timeout = self.runtime.settings.server(self.server).ask_timeout
-            return Decision(False, "timeout", f"no answer within {timeout:g} s (ask_timeout)")
-        return decision
-
-    async def _timed(self, pending: Awaitable[T]) -> T | None:
-        timeout = self.runtime.settings.server(self.server).ask_timeout
-        with anyio.move_on_after(timeout):
-            return await pending
-        return None
-
-    def _audit(self, record: dict[str, Any]) -> None:
-        if self.runtime.audit is None:
-            return
-        try:
-            self.runtime.audit.write(record)
-        except OSError as exc:  # the trail must not take the daemon down
-            log.error("audit trail not written (%s): %s", self.runtime.audit.path, exc)

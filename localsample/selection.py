@@ -14,7 +14,7 @@ the server's policy and a predicate telling which models are on disk. It applies
    ties among its matches go to the priority score, then catalog order;
 6. no hint matched: with any priority > 0, the highest priority score; else the default.
 
-Priority score = (costPriority·(1−cost) + speedPriority·speed + intelligencePriority·
+Priority score = (costPriority·(1-cost) + speedPriority·speed + intelligencePriority·
 intelligence) / (costPriority + speedPriority + intelligencePriority); absent = 0.
 
 Hints are names, never paths: ``../x.gguf``, ``/etc/passwd`` or ``hf://…`` match nothing.
@@ -23,7 +23,7 @@ Hints are names, never paths: ``../x.gguf``, ``/etc/passwd`` or ``hf://…`` mat
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from localsample.catalog import Catalog, ModelEntry
@@ -136,6 +136,32 @@ def _unfit(model: ModelEntry, needs: Needs) -> str | None:
     return None
 
 
+def rank(
+    catalog: Catalog,
+    needs: Needs,
+    prefs: Preferences,
+    *,
+    available: Callable[[ModelEntry], bool],
+    allow: Sequence[str],
+    server: str,
+) -> list[Ranked]:
+    """Every model with its priority score and why it cannot serve (None if it can): the
+    ones that can first, by score, then catalog order."""
+    allowed = {catalog.get(name).id for name in allow}
+    ranking: list[Ranked] = []
+    for model in catalog:
+        why = None
+        if allowed and model.id not in allowed:
+            why = f"not allowed for server '{server}'"
+        elif (unfit := _unfit(model, needs)) is not None:
+            why = unfit
+        elif not available(model):
+            why = f"not downloaded: localsample models pull {model.id}"
+        ranking.append(Ranked(model, score(model, prefs), why))
+    ranking.sort(key=lambda r: (r.excluded is not None, -r.score))  # stable: catalog order on ties
+    return ranking
+
+
 def select(
     catalog: Catalog,
     needs: Needs,
@@ -148,18 +174,7 @@ def select(
 ) -> Choice:
     """The model for a request and the reason, with every model ranked (see module doc)."""
     policy = policy or ServerPolicy()
-    allowed = {catalog.get(name).id for name in policy.allow}
-    ranking: list[Ranked] = []
-    for model in catalog:
-        why = None
-        if allowed and model.id not in allowed:
-            why = f"not allowed for server '{server}'"
-        elif (unfit := _unfit(model, needs)) is not None:
-            why = unfit
-        elif not available(model):
-            why = f"not downloaded: localsample models pull {model.id}"
-        ranking.append(Ranked(model, score(model, prefs), why))
-    ranking.sort(key=lambda r: (r.excluded is not None, -r.score))  # stable: catalog order on ties
+    ranking = rank(catalog, needs, prefs, available=available, allow=policy.allow, server=server)
     ranked = tuple(ranking)
     candidates = [r.model for r in ranking if r.excluded is None]
     if not candidates:

@@ -40,7 +40,7 @@ def _default_catalog() -> Path:
     return Path(platformdirs.user_config_dir(APP)) / "models.toml"
 
 
-def _default_model_dir() -> Path:
+def default_model_dir() -> Path:
     return Path(platformdirs.user_data_dir(APP)) / "models"
 
 
@@ -86,7 +86,7 @@ class Settings(BaseSettings):
         description="the user's catalog; extends and overrides the packaged models.toml by id",
     )
     model_dir: Path = Field(
-        default_factory=_default_model_dir,
+        default_factory=default_model_dir,
         description="model store; relative `source` paths in catalogs resolve against it",
     )
     log_dir: Path = Field(default_factory=_default_log_dir, description="log and audit files")

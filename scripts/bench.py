@@ -34,20 +34,30 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 from llama_cpp import Llama
 from mcp.shared.exceptions import MCPDeprecationWarning
 
-from localsample.engine import ChatMessage, Engine, GenerationRequest
+from localsample.catalog import ModelEntry
+from localsample.engine import Engine
+from localsample.generation import ChatMessage, GenerationRequest
 from localsample.runtime import Runtime
+
+
+def engine_of(runtime: Runtime, model: ModelEntry) -> Engine:
+    """The in-process llama.cpp engine the pool made for ``model`` (what the bench measures)."""
+    generator = runtime.pool.generator(model)
+    assert isinstance(generator, Engine)
+    return generator
+
 
 # Sampling is deprecated in the 2026-07-28 spec; answering it is what is measured (the CLI
 # filters this warning the same way).
@@ -66,12 +76,12 @@ class Sample:
 
 
 def bench_raw(llama: Llama, max_tokens: int) -> Sample:
-    llama.reset()
+    llama.reset()  # type: ignore[no-untyped-call]  # llama-cpp-python leaves it unannotated
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": PROMPT}]
     started = time.perf_counter()
     first = last = 0.0
     finish = None
-    for chunk in llama.create_chat_completion(
+    stream = llama.create_chat_completion(
         messages=messages,  # type: ignore[arg-type]
         max_tokens=max_tokens,
         temperature=0.0,
@@ -80,8 +90,9 @@ def bench_raw(llama: Llama, max_tokens: int) -> Sample:
         min_p=0.05,
         repeat_penalty=1.0,
         stream=True,
-    ):
-        choice = chunk["choices"][0]  # type: ignore[index]
+    )
+    for chunk in cast(Iterator[dict[str, Any]], stream):
+        choice = chunk["choices"][0]
         if choice["delta"].get("content"):
             last = time.perf_counter()
             first = first or last
@@ -109,7 +120,7 @@ def bench_engine(engine: Engine, max_tokens: int) -> Sample:
     return asyncio.run(run())
 
 
-METADATA = {"top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0}
+METADATA: dict[str, Any] = {"top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0}
 
 
 def engine_request(max_tokens: int) -> GenerationRequest:
@@ -127,7 +138,7 @@ def e2e_side(model_id: str, conn: Connection) -> None:
     from localsample.sampling import SamplingHandler
 
     runtime = Runtime()
-    engine = runtime.pool.engine(runtime.catalog.get(model_id))
+    engine = engine_of(runtime, runtime.catalog.get(model_id))
     handler = SamplingHandler(runtime, server="bench")
     server = StdioServerParameters(command=sys.executable, args=[str(Path(__file__).parent / "bench_server.py")])
 
@@ -159,7 +170,7 @@ def e2e_side(model_id: str, conn: Connection) -> None:
 def engine_alone_side(model_id: str, conn: Connection) -> None:
     """The same request sequence straight into the engine, timed around generate()."""
     runtime = Runtime()
-    engine = runtime.pool.engine(runtime.catalog.get(model_id))
+    engine = engine_of(runtime, runtime.catalog.get(model_id))
 
     async def one(tokens: int) -> float:
         started = time.perf_counter()
@@ -183,7 +194,7 @@ def side(name: str, model_id: str, conn: Connection) -> None:
     """A benchmark side in its own process: load, then run one round per request."""
     runtime = Runtime()
     model = runtime.catalog.get(model_id)
-    engine = runtime.pool.engine(model)
+    engine = engine_of(runtime, model)
     if name == "raw":
         # flash attention as in the engine's context, where llama.cpp's "auto" turns it on
         kwargs = {"flash_attn": True} | model.load.llama_kwargs()
@@ -212,7 +223,7 @@ def main() -> None:
     print(f"model {model.id}, {args.tokens} tokens greedy, median of {args.rounds} alternating rounds")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, n_threads={threads}")
 
-    sides = {"raw": partial(side, "raw"), "engine": partial(side, "engine"), "e2e": e2e_side}
+    sides: dict[str, Side] = {"raw": partial(side, "raw"), "engine": partial(side, "engine"), "e2e": e2e_side}
     runs = run_sides(sides, model.id, argparse.Namespace(tokens=args.tokens, rounds=args.rounds, cold=True))
     tps = {name: median(runs[name], lambda s: s.decode_tps) for name in sides}
     ttft = {name: median(runs[name], lambda s: s.ttft) for name in sides}
@@ -250,8 +261,11 @@ def concurrency_section(model_id: str, tokens: int, rounds: int = 3) -> None:
 
     def request(i: int) -> GenerationRequest:
         return GenerationRequest(
-            messages=[ChatMessage("user", f"Request {i}: {PROMPT}")], system=SYSTEM, max_tokens=tokens,
-            temperature=0.0, **METADATA,
+            messages=[ChatMessage("user", f"Request {i}: {PROMPT}")],
+            system=SYSTEM,
+            max_tokens=tokens,
+            temperature=0.0,
+            **METADATA,
         )
 
     async def timed(i: int, latencies: list[float]) -> int:
@@ -266,7 +280,7 @@ def concurrency_section(model_id: str, tokens: int, rounds: int = 3) -> None:
         started = time.perf_counter()
         async with anyio.create_task_group() as group:
             for i in range(n):
-                group.start_soon(lambda i=i: _collect(timed(i, latencies), counts))
+                group.start_soon(_collect, timed(i, latencies), counts)
         return sum(counts) / (time.perf_counter() - started), latencies
 
     async def serial(n: int) -> float:
@@ -292,8 +306,10 @@ def concurrency_section(model_id: str, tokens: int, rounds: int = 3) -> None:
         p95 = lat[min(len(lat) - 1, round(0.95 * (len(lat) - 1)))]
         raw = ceiling[n] / ceiling[1]
         note = "   (target >= 2.0)" if n == 4 else ""
-        print(f"{n:>10}{alone:>10.1f}{agg:>10.1f}{agg / alone:>8.2f}{statistics.median(lat):>8.2f}{p95:>8.2f}"
-              f"{raw:>10.2f}x{note}")
+        print(
+            f"{n:>10}{alone:>10.1f}{agg:>10.1f}{agg / alone:>8.2f}{statistics.median(lat):>8.2f}{p95:>8.2f}"
+            f"{raw:>10.2f}x{note}"
+        )
     print("   llama.cpp: its own decode rate for that many sequences in one batch vs one sequence (raw")
     print("   llama_decode, no sampling or streaming): the most batching can give on this model and machine")
     runtime.close()
@@ -317,7 +333,7 @@ def raw_batched_side(model_id: str, widths: tuple[int, ...], tokens: int, rounds
 
     runtime = Runtime()
     model = runtime.catalog.get(model_id)
-    path = runtime.pool.engine(model).path
+    path = engine_of(runtime, model).path
     load = model.load.llama_kwargs()
     llama = Llama(model_path=str(path), verbose=False, n_ctx=64, **{k: v for k, v in load.items() if k != "n_ctx"})
     params = L.llama_context_default_params()
@@ -364,7 +380,7 @@ async def _collect(job: Any, into: list[int]) -> None:
 def cache_and_memory_section(model_id: str) -> None:
     """(c) TTFT with a ~1000-token system prompt, cold vs already evaluated; (d) memory."""
     runtime = Runtime()
-    engine = runtime.pool.engine(runtime.catalog.get(model_id))
+    engine = engine_of(runtime, runtime.catalog.get(model_id))
     before = rss_mb()
     asyncio.run(engine.ensure_loaded())
     loaded = rss_mb()
@@ -390,8 +406,8 @@ def cache_and_memory_section(model_id: str) -> None:
     async def parallel(n: int) -> tuple[int, list[float]]:
         """n requests at once with that system prompt, cold: tokens evaluated, TTFTs."""
         await engine.reset_cache()
-        assert engine._batcher is not None
-        before = engine._batcher.prompt_tokens_evaluated
+        assert engine.batcher is not None
+        before = engine.batcher.prompt_tokens_evaluated
         firsts: list[float] = []
 
         async def one(i: int) -> None:
@@ -401,19 +417,25 @@ def cache_and_memory_section(model_id: str) -> None:
             async def on_text(_text: str, _tokens: int) -> None:
                 seen.append(time.perf_counter() - started)
 
-            req = GenerationRequest(messages=[ChatMessage("user", f"Question {i}: what is rule {i}?")],
-                                    system=system, max_tokens=2, temperature=0.0)
+            req = GenerationRequest(
+                messages=[ChatMessage("user", f"Question {i}: what is rule {i}?")],
+                system=system,
+                max_tokens=2,
+                temperature=0.0,
+            )
             await engine.generate(req, on_text)
             firsts.append(seen[0])
 
         async with anyio.create_task_group() as group:
             for i in range(n):
                 group.start_soon(one, i)
-        return engine._batcher.prompt_tokens_evaluated - before, sorted(firsts)
+        return engine.batcher.prompt_tokens_evaluated - before, sorted(firsts)
 
     evaluated, firsts = asyncio.run(parallel(4))
-    print(f"   4 such requests at once, cold: {evaluated} prompt tokens evaluated (not 4 x {prompt_tokens}); "
-          f"first tokens after {', '.join(f'{t * 1e3:.0f}' for t in firsts)} ms")
+    print(
+        f"   4 such requests at once, cold: {evaluated} prompt tokens evaluated (not 4 x {prompt_tokens}); "
+        f"first tokens after {', '.join(f'{t * 1e3:.0f}' for t in firsts)} ms"
+    )
     print(f"\n5. resident memory: {before:.0f} MB before loading, {loaded:.0f} MB with the model loaded")
     runtime.close()
 
@@ -426,7 +448,11 @@ def rss_mb() -> float:
     return 0.0
 
 
-def run_sides(targets: dict[str, Callable[[str, Connection], None]], model_id: str, args: Any) -> dict[str, list[Any]]:
+Side = Callable[[str, Connection], None]
+"""One side of a comparison: runs in its own process, answers rounds over the connection."""
+
+
+def run_sides(targets: dict[str, Side], model_id: str, args: Any) -> dict[str, list[Any]]:
     """Start one process per side, then alternate rounds between them."""
     context = multiprocessing.get_context("spawn")
     sides: dict[str, tuple[BaseProcess, Connection]] = {}
@@ -442,9 +468,9 @@ def run_sides(targets: dict[str, Callable[[str, Connection], None]], model_id: s
         for name, (_, conn) in sides.items():
             conn.send((args.tokens, args.cold))
             runs[name].append(conn.recv())
-    for process, conn in sides.values():
+    for side_process, conn in sides.values():
         conn.send(None)
-        process.join()
+        side_process.join()
     return runs
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up (scripts/setup.sh), then type-check the package and run the whole test suite.
-# Extra arguments go to pytest, e.g. scripts/test.sh -k engine -x
+# Extra arguments go to pytest, e.g. scripts/test.sh -k engine -x, or the fast tier
+# (no model loaded, no process started): scripts/test.sh -m "not slow"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -13,5 +14,6 @@ fi
 [ -d tests/servers/ts/node_modules/@modelcontextprotocol/sdk ] ||
     (cd tests/servers/ts && npm ci --no-audit --no-fund --loglevel=error)
 .venv/bin/python -m ruff check localsample tests scripts
-.venv/bin/python -m mypy
+.venv/bin/python -m ruff format --check localsample tests scripts
+.venv/bin/python -m mypy  # strict, over localsample, tests and scripts (pyproject.toml)
 .venv/bin/python -m pytest "$@"

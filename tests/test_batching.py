@@ -12,7 +12,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from localsample.engine import ChatMessage, Engine, GenerationRequest
+from localsample.engine import Engine
+from localsample.generation import ChatMessage, GenerationRequest
 
 from .conftest import small_entry
 
@@ -57,7 +58,7 @@ async def test_concurrent_requests_decode_together_and_match_their_solo_runs(fre
         for i in range(len(PROMPTS)):
             group.start_soon(one, i)
     assert [together[i] for i in range(len(PROMPTS))] == solo
-    assert fresh._batcher is not None and fresh._batcher.widest_step == len(PROMPTS)  # really batched
+    assert fresh.batcher is not None and fresh.batcher.widest_step == len(PROMPTS)  # really batched
     fresh.close()
 
 
@@ -70,7 +71,7 @@ async def test_a_request_takes_its_shared_prefix_from_a_running_one(fresh: Engin
     await fresh.generate(first)
     expected = await fresh.generate(second)  # from the idle slot's cache
     await fresh.reset_cache()
-    batcher = fresh._batcher
+    batcher = fresh.batcher
     assert batcher is not None
     going = anyio.Event()
     results = {}
@@ -100,7 +101,7 @@ async def test_parallel_requests_with_one_system_prompt_evaluate_it_once(fresh: 
     calls): the later two wait for the first one's prompt and take its cells."""
     system = " ".join(f"Rule {i}: be kind and brief." for i in range(40))
     await fresh.ensure_loaded()
-    assert fresh._batcher is not None
+    assert fresh.batcher is not None
     results = {}
 
     async def one(i: int) -> None:
@@ -111,7 +112,7 @@ async def test_parallel_requests_with_one_system_prompt_evaluate_it_once(fresh: 
             group.start_soon(one, i)
     prompts = [results[i].prompt_tokens for i in range(3)]
     assert min(prompts) > 300  # a long shared prefix indeed
-    assert fresh._batcher.prompt_tokens_evaluated < max(prompts) + 2 * 40  # once, plus the questions
+    assert fresh.batcher.prompt_tokens_evaluated < max(prompts) + 2 * 40  # once, plus the questions
     assert all(results[i].stop_reason in ("maxTokens", "endTurn") and results[i].text for i in range(3))
     fresh.close()
 
@@ -161,8 +162,8 @@ async def test_cancelling_one_request_inside_a_batch_leaves_the_other_intact(fre
         while "text" not in result:
             await anyio.sleep(0.05)
     assert result["text"] == expected
-    assert fresh._batcher is not None
-    assert all(slot.active is None for slot in fresh._batcher.slots)  # the slot was freed
+    assert fresh.batcher is not None
+    assert all(slot.active is None for slot in fresh.batcher.slots)  # the slot was freed
     fresh.close()
 
 
@@ -171,10 +172,10 @@ async def test_interleaved_system_prompts_keep_their_cached_prefix(fresh: Engine
     system_b = " ".join(f"Law {i}: be brief." for i in range(40))
     await fresh.generate(greedy("First question.", 2, system_a))
     await fresh.generate(greedy("Second question.", 2, system_b))
-    assert fresh._batcher is not None
-    before = fresh._batcher.prompt_tokens_evaluated
+    assert fresh.batcher is not None
+    before = fresh.batcher.prompt_tokens_evaluated
     third = await fresh.generate(greedy("Third question.", 2, system_a))
-    evaluated = fresh._batcher.prompt_tokens_evaluated - before
+    evaluated = fresh.batcher.prompt_tokens_evaluated - before
     assert evaluated < third.prompt_tokens // 4  # only the new question, not system A again
     fresh.close()
 
@@ -201,7 +202,6 @@ loader.join()
     assert out.stdout.splitlines() == [f"line {i}" for i in range(300)]
 
 
-
 @pytest.mark.parametrize(("setting", "expected"), [(None, -1), (True, 1), (False, 0)])
 def test_the_catalogs_flash_attention_setting_reaches_the_batch_context(
     model_dir: Path, setting: bool | None, expected: int
@@ -211,5 +211,5 @@ def test_the_catalogs_flash_attention_setting_reaches_the_batch_context(
     entry = small_entry() if setting is None else small_entry(flash_attn=setting)
     engine = Engine(entry, model_dir / entry.source, slots=2)
     engine.load()
-    assert engine._batcher is not None and engine._batcher.flash_attn_type == expected
+    assert engine.batcher is not None and engine.batcher.flash_attn_type == expected
     engine.close()

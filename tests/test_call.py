@@ -27,8 +27,14 @@ def localsample(*args: str, timeout: float = 120) -> subprocess.CompletedProcess
 
 def test_readme_demo_writes_a_description_with_the_local_model(model_dir: Path) -> None:
     proc = localsample(
-        "call", "--server", f"{sys.executable} examples/product_server.py", "create_product",
-        "--arg", "name=tomato", "--arg", "keywords=red, fresh",
+        "call",
+        "--server",
+        f"{sys.executable} examples/product_server.py",
+        "create_product",
+        "--arg",
+        "name=tomato",
+        "--arg",
+        "keywords=red, fresh",
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("Tomato\n")
@@ -115,7 +121,9 @@ def test_serve_listen_serves_streamable_http(model_dir: Path) -> None:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "localsample", "serve", "--server", SERVER, "--listen", f"127.0.0.1:{port}"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
     )
     try:
 

@@ -7,8 +7,19 @@ from pathlib import Path
 
 import pytest
 
-from localsample.catalog import KV_TYPES, load_catalog, parse_catalog, resolve_model_path
+from localsample.catalog import (
+    KV_TYPES,
+    ModelEntry,
+    load_catalog,
+    new_entry_fields,
+    parse_catalog,
+    resolve_model_path,
+)
 from localsample.errors import CatalogError, ModelFileError, UnknownModelError
+from localsample.gguf_file import read_gguf
+from localsample.packaged import index_model_for
+
+from .stub_hub import make_gguf
 
 GOOD = """
 [[models]]
@@ -31,14 +42,9 @@ def write(path: Path, text: str) -> Path:
 def test_packaged_catalog_is_valid_and_has_the_default_model() -> None:
     catalog = load_catalog(None)
     entry = catalog.get("smollm2-135m-instruct")
-    assert entry.sha256 is not None and len(entry.sha256) == 64
+    assert index_model_for(entry.id, entry.source) is not None  # `localsample models pull` installs it
     assert catalog.get("HAIKU").id == entry.id  # aliases are case-insensitive
     assert all(0 <= m.cost <= 1 and 0 <= m.speed <= 1 and 0 <= m.intelligence <= 1 for m in catalog)
-
-
-def test_top_level_models_toml_is_the_packaged_one() -> None:
-    root = Path(__file__).resolve().parent.parent
-    assert (root / "models.toml").read_text() == (root / "localsample" / "models.toml").read_text()
 
 
 def test_load_settings_take_llama_cpp_names_and_enum_names() -> None:
@@ -101,7 +107,9 @@ def test_every_catalog_error_names_file_model_field_and_fix(text: str, expected:
 def test_all_errors_of_a_file_are_reported_at_once(tmp_path: Path) -> None:
     text = '[[models]]\nid = "a"\nsource = "a"\ncost = 2\n[[models]]\nid = "b"\nspeed = -1\n'
     path = write(tmp_path / "bad.toml", text)
-    message = str(pytest.raises(CatalogError, load_catalog, path).value)
+    with pytest.raises(CatalogError) as info:
+        load_catalog(path)
+    message = str(info.value)
     assert "model 'a': field 'cost'" in message
     assert "model 'b': field 'source'" in message
     assert "model 'b': field 'speed'" in message
@@ -113,7 +121,9 @@ def test_an_alias_claimed_by_two_models_of_one_file_names_both(tmp_path: Path) -
         '[[models]]\nid = "one"\nsource = "o.gguf"\naliases = ["fast"]\n'
         '[[models]]\nid = "two"\nsource = "t.gguf"\naliases = ["Fast"]\n',
     )
-    message = str(pytest.raises(CatalogError, load_catalog, path).value)
+    with pytest.raises(CatalogError) as info:
+        load_catalog(path)
+    message = str(info.value)
     assert str(path) in message
     assert "model 'two': field 'aliases': 'Fast' is already claimed by model 'one'" in message
     assert "fix: remove it from one of them" in message
@@ -138,7 +148,22 @@ def test_missing_local_file_names_path_and_fix(tmp_path: Path) -> None:
     with pytest.raises(ModelFileError) as info:
         resolve_model_path(model, tmp_path)
     assert str(tmp_path / "mine.gguf") in str(info.value)
-    assert "fix" in str(info.value)
+    assert "fix: register a GGUF of your own with `localsample models import PATH`" in str(info.value)
+
+
+def test_missing_default_model_says_pull(tmp_path: Path) -> None:
+    with pytest.raises(ModelFileError) as info:
+        resolve_model_path(load_catalog(None).get("smollm2-135m-instruct"), tmp_path)
+    assert "fix: download it with `localsample models pull smollm2-135m-instruct`" in str(info.value)
+
+
+def test_a_new_entry_from_a_file_caps_n_ctx_and_names_its_origin(tmp_path: Path) -> None:
+    path = tmp_path / "x.gguf"
+    path.write_bytes(make_gguf(name="X", context=32768))
+    fields = new_entry_fields("x", "x.gguf", read_gguf(path), "imported from here", mmproj="mm.gguf")
+    assert fields["load"] == {"n_ctx": 8192} and fields["capabilities"] == ["chat", "vision"]
+    assert fields["description"] == "X, Q4_K_M, imported from here" and fields["mmproj"] == "mm.gguf"
+    assert ModelEntry.model_validate(fields).load.n_ctx == 8192  # a valid catalog entry
 
 
 def test_hf_source_not_in_cache_says_how_to_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -147,4 +172,4 @@ def test_hf_source_not_in_cache_says_how_to_download(tmp_path: Path, monkeypatch
     with pytest.raises(ModelFileError) as info:
         resolve_model_path(model, tmp_path)
     assert "not downloaded" in str(info.value)
-    assert "hf download Qwen/Qwen2.5-1.5B-Instruct-GGUF" in str(info.value)
+    assert "localsample models pull qwen2.5-1.5b-instruct" in str(info.value)

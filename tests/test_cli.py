@@ -16,6 +16,7 @@ from localsample.cli import app
 runner = CliRunner()
 
 
+@pytest.mark.slow
 def test_sample_json_reports_text_model_reason_counts_and_timings(model_dir: Path) -> None:
     result = runner.invoke(
         app, ["sample", "Name a colour.", "--json", "--temperature", "0", "--max-tokens", "5", "--hint", "claude-haiku"]
@@ -29,6 +30,7 @@ def test_sample_json_reports_text_model_reason_counts_and_timings(model_dir: Pat
     assert data["text"]
 
 
+@pytest.mark.slow
 def test_sample_stop_option_is_applied(model_dir: Path) -> None:
     base = json.loads(runner.invoke(app, ["sample", "Count from 1 to 20.", "--json", "--temperature", "0"]).stdout)
     stop = base["text"][6:9]
@@ -44,11 +46,21 @@ def test_unknown_model_is_a_clear_error(model_dir: Path) -> None:
     assert "no model 'gpt-9'" in result.stderr and "fix:" in result.stderr
 
 
+@pytest.mark.slow
 def test_sample_streams_to_stdout_as_a_real_process(model_dir: Path) -> None:
     """Text arrives on stdout before the process ends; the summary line goes to stderr."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "localsample", "sample", "Write a long story about a lighthouse.", "--max-tokens", "60",
-         "--temperature", "0"],
+        [
+            sys.executable,
+            "-m",
+            "localsample",
+            "sample",
+            "Write a long story about a lighthouse.",
+            "--max-tokens",
+            "60",
+            "--temperature",
+            "0",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=os.environ.copy(),

@@ -8,8 +8,9 @@ from pathlib import Path
 import anyio
 import pytest
 
-from localsample.engine import ChatMessage, Completion, Engine, GenerationRequest, StopMatcher
+from localsample.engine import Engine
 from localsample.errors import ContextOverflowError, ModelFileError, RequestError
+from localsample.generation import ChatMessage, Completion, GenerationRequest, StopMatcher
 
 from .conftest import TEST_N_CTX, small_entry
 

@@ -19,7 +19,7 @@ import pytest
 
 from localsample.errors import HubError
 from localsample.gguf_file import read_gguf
-from localsample.hub import PullPlan, RemoteFile, _check_space, hub_error
+from localsample.hub import PullPlan, RemoteFile, check_space, hub_error
 
 from .conftest import real_model_dir
 from .stub_hub import StubHub, make_gguf
@@ -61,7 +61,11 @@ def env(hub: StubHub, isolated: Path) -> dict[str, str]:
 def models(env: dict[str, str], *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
         [sys.executable, "-m", "localsample", "models", *args],
-        capture_output=True, text=True, env=env, timeout=120, stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
     )
     if ok:
         assert proc.returncode == 0, proc.stderr
@@ -165,12 +169,25 @@ def test_offline_pull_says_so_and_sends_nothing(env: dict[str, str], hub: StubHu
         ("hf://org/Tiny-GGUF/nope.gguf", "no file nope.gguf"),
         ("org/NoGGUF", "has no GGUF model files (2 files"),
         ("not a ref!", "neither a catalog model nor a hub reference"),
-        ("smollm2-135m-instruct", "is a local file"),
     ],
 )
 def test_pull_errors_name_the_problem_and_the_fix(env: dict[str, str], ref: str, message: str) -> None:
     failed = models(env, "pull", ref, ok=False)
     assert message in failed.stderr and "fix:" in failed.stderr
+
+
+def test_pulling_a_local_file_entry_names_import(env: dict[str, str], isolated: Path) -> None:
+    (isolated / "models.toml").write_text('[[models]]\nid = "mine"\nsource = "/somewhere/mine.gguf"\n')
+    failed = models(env, "pull", "mine", ok=False)
+    assert "model 'mine' is a local file (/somewhere/mine.gguf), not on the hub" in failed.stderr
+    assert "fix: register a GGUF of your own with `localsample models import PATH`" in failed.stderr
+
+
+def test_a_listed_sha256_is_checked(env: dict[str, str], isolated: Path) -> None:
+    source = "hf://org/Tiny-GGUF/tiny-Q4_K_M.gguf"
+    (isolated / "models.toml").write_text(f'[[models]]\nid = "t"\nsource = "{source}"\nsha256 = "{"0" * 64}"\n')
+    failed = models(env, "pull", "t", ok=False)
+    assert "does not match the sha256 in its catalog entry" in failed.stderr and "models rm t" in failed.stderr
 
 
 def test_an_unknown_revision_is_named(env: dict[str, str]) -> None:
@@ -181,19 +198,32 @@ def test_an_unknown_revision_is_named(env: dict[str, str]) -> None:
 def test_a_full_disk_is_refused_before_downloading(monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
 
-    monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10, 10, 5))  # type: ignore[attr-defined]
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10, 10, 5))
     plan = PullPlan(TINY, None, [RemoteFile("a.gguf", 1000, None)], listing=[RemoteFile("a.gguf", 1000, None)])
-    with pytest.raises(HubError, match="needs 1.0 KB, 5 B is free"):
-        _check_space(plan, plan.files)
+    with pytest.raises(HubError, match=r"needs 1\.0 KB, 5 B is free"):
+        check_space(plan, plan.files)
     assert "the disk is full" in str(hub_error(OSError(28, "No space left on device"), "downloading x"))
 
 
 def test_a_pulled_real_model_generates(env: dict[str, str]) -> None:
     models(env, "pull", "org/Real-GGUF", "--id", "pulled-smol")
     proc = subprocess.run(
-        [sys.executable, "-m", "localsample", "sample", "Say hi.", "--model", "pulled-smol", "--json",
-         "--max-tokens", "5"],
-        capture_output=True, text=True, env=env | {"HF_HUB_OFFLINE": "1"}, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "localsample",
+            "sample",
+            "Say hi.",
+            "--model",
+            "pulled-smol",
+            "--json",
+            "--max-tokens",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        env=env | {"HF_HUB_OFFLINE": "1"},
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["model"] == "pulled-smol"

@@ -5,6 +5,7 @@ scripts/test.sh installs its packages (`npm ci` in tests/servers/ts)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,9 +26,22 @@ def ts_packages() -> None:
 
 def test_call_answers_a_typescript_sdk_server(model_dir: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "localsample", "call", "--server", TS_SERVER, "summarize",
-         "--arg", "text=Tomatoes are red fruits that grow on vines in summer.", "--arg", "maxTokens=12"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "localsample",
+            "call",
+            "--server",
+            TS_SERVER,
+            "summarize",
+            "--arg",
+            "text=Tomatoes are red fruits that grow on vines in summer.",
+            "--arg",
+            "maxTokens=12",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)  # what the TypeScript server received, validated by its SDK
@@ -39,7 +53,8 @@ def test_call_answers_a_typescript_sdk_server(model_dir: Path) -> None:
 def test_serve_fronts_a_typescript_sdk_server(model_dir: Path) -> None:
     async def as_host() -> str:
         args = ["-m", "localsample", "serve", "--server", TS_SERVER]
-        async with Client(StdioServerParameters(command=sys.executable, args=args), mode="legacy") as host:
+        params = StdioServerParameters(command=sys.executable, args=args, env=dict(os.environ))
+        async with Client(params, mode="legacy") as host:
             assert [t.name for t in (await host.list_tools()).tools] == ["summarize"]
             result = await host.call_tool("summarize", {"text": "Owls hunt at night.", "maxTokens": 8})
         return result.content[0].text  # type: ignore[union-attr]
@@ -52,7 +67,9 @@ def test_a_server_pinned_to_protocol_2024_11_05_gets_a_well_formed_answer(model_
     server = f"{sys.executable} {Path(__file__).parent / 'servers' / 'old_protocol_server.py'}"
     proc = subprocess.run(
         [sys.executable, "-m", "localsample", "call", "--server", server, "ask"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     answer = json.loads(proc.stdout)  # the raw JSON-RPC response the server received

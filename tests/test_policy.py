@@ -18,16 +18,15 @@ import pytest
 from mcp import Client, StdioServerParameters, types
 from mcp.client.session import ClientRequestContext
 
-from localsample.audit import AuditLog
-from localsample.catalog import load_catalog
-from localsample.engine import ChatMessage, GenerationRequest
-from localsample.errors import RequestError
-from localsample.policy import Decision, Limits, Pending, RejectedError
+from localsample.audit import AuditLog, AuditRecord
+from localsample.errors import RejectedError, RequestError
+from localsample.generation import ChatMessage, GenerationRequest
+from localsample.policy import Decision, Limits, Pending
 from localsample.runtime import Runtime
 from localsample.sampling import SamplingHandler
 from localsample.settings import ServerSettings, Settings
 
-from .conftest import real_model_dir
+from .conftest import fake_runtime, real_model_dir
 from .servers.sampling_server import server
 
 pytestmark = pytest.mark.anyio
@@ -100,7 +99,7 @@ def make_runtime(log_dir: Path, **policy: Any) -> Runtime:
         log_dir=log_dir,
         servers={"test": ServerSettings(**policy)},
     )
-    return Runtime(settings, load_catalog(None))
+    return fake_runtime(settings)
 
 
 async def push(runtime: Runtime, ask: Any = None, **arguments: Any) -> dict[str, Any]:
@@ -115,7 +114,7 @@ def audit_lines(log_dir: Path) -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def log_dir(tmp_path: Path, model_dir: Path) -> Iterator[Path]:
+def log_dir(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path / "logs"
 
 
@@ -138,6 +137,8 @@ async def test_ask_without_a_human_falls_back(log_dir: Path) -> None:
 
 class Silent:
     """A human who never answers."""
+
+    unavailable = "nobody is there"
 
     def available(self) -> bool:
         return True
@@ -166,8 +167,20 @@ async def test_rate_limit_through_the_handler_and_the_audit_trail(log_dir: Path)
     lines = audit_lines(log_dir)
     assert [line["decision"] for line in lines] == ["approved", "approved", "rejected"]
     good = lines[0]
-    for key in ("time", "server", "request_id", "protocol", "by", "model", "reason", "prompt_tokens",
-                "completion_tokens", "time_to_first_token", "duration", "stop_reason"):
+    for key in (
+        "time",
+        "server",
+        "request_id",
+        "protocol",
+        "by",
+        "model",
+        "reason",
+        "prompt_tokens",
+        "completion_tokens",
+        "time_to_first_token",
+        "duration",
+        "stop_reason",
+    ):
         assert key in good, key
     assert good["protocol"] == "2025-11-25" and good["completion_tokens"] == 6 and good["stop_reason"] == "maxTokens"
     assert "messages" not in good and "response" not in good  # text only when enabled
@@ -186,7 +199,7 @@ async def test_audit_text_is_written_only_when_enabled(log_dir: Path) -> None:
 def test_audit_rotation_keeps_the_trail_bounded(tmp_path: Path) -> None:
     log = AuditLog(tmp_path / "audit.jsonl", max_bytes=10_000, backups=2, include_text=False)
     for i in range(400):
-        log.write({"server": "s", "request_id": str(i), "decision": "approved", "pad": "x" * 50})
+        log.write(AuditRecord("s", str(i), decision="approved", reason="x" * 50))
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2"]
     assert all((tmp_path / f).stat().st_size <= 10_000 for f in files)
@@ -207,6 +220,7 @@ async def serve_host(config: Path, elicitation: Any = None) -> AsyncIterator[Cli
         yield client
 
 
+@pytest.mark.slow
 async def test_serve_asks_the_host_through_elicitation(model_dir: Path, tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
     config.write_text('[servers.test]\napprove = "ask"\n')
@@ -227,6 +241,7 @@ async def test_serve_asks_the_host_through_elicitation(model_dir: Path, tmp_path
     assert "rejected by the host user (elicitation): not this one" in no["error"]["message"]
 
 
+@pytest.mark.slow
 async def test_serve_without_host_elicitation_denies_by_default(model_dir: Path, tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
     config.write_text('[servers.test]\napprove = "ask"\n')
@@ -252,6 +267,7 @@ def result_of(child: pexpect.spawn) -> dict[str, Any]:
     return json.loads(output[start : output.index("\n", start)])  # type: ignore[no-any-return]
 
 
+@pytest.mark.slow
 def test_terminal_approval_approve(model_dir: Path, tmp_path: Path) -> None:
     child = spawn_call(tmp_path, 'approve = "ask"', "push", "--args", '{"max_tokens": 5}')
     child.expect("Sampling request from server 'test'")
@@ -261,6 +277,7 @@ def test_terminal_approval_approve(model_dir: Path, tmp_path: Path) -> None:
     assert result_of(child)["result"]["stopReason"] == "maxTokens"
 
 
+@pytest.mark.slow
 def test_terminal_approval_reject_with_a_reason(model_dir: Path, tmp_path: Path) -> None:
     child = spawn_call(tmp_path, 'approve = "ask"', "push")
     child.expect(r"Approve\? ")
@@ -271,6 +288,7 @@ def test_terminal_approval_reject_with_a_reason(model_dir: Path, tmp_path: Path)
     assert error["code"] == -1 and "rejected by the user at the terminal: too expensive" in error["message"]
 
 
+@pytest.mark.slow
 def test_terminal_edit_then_review_and_edit_the_response(model_dir: Path, tmp_path: Path) -> None:
     child = spawn_call(tmp_path, 'approve = "ask"\nreview_response = true', "push", "--args", '{"max_tokens": 40}')
     child.expect(r"Approve\? ")
@@ -295,19 +313,32 @@ def test_terminal_edit_then_review_and_edit_the_response(model_dir: Path, tmp_pa
     assert line["completion_tokens"] == 3 and line["by"] == "user at the terminal"
 
 
+@pytest.mark.slow
 def test_audit_commands_show_recent_entries_and_stats(model_dir: Path, tmp_path: Path) -> None:
     import subprocess
 
     log_dir = tmp_path / "logs"
     log = AuditLog(log_dir / "audit.jsonl", max_bytes=10**6, backups=1, include_text=False)
-    log.write({"server": "a", "model": "m1", "decision": "approved", "by": "policy", "prompt_tokens": 10,
-               "completion_tokens": 5, "duration": 0.5, "stop_reason": "endTurn"})
-    log.write({"server": "b", "decision": "rejected", "by": "policy", "error": "denied"})
+    log.write(
+        AuditRecord(
+            "a",
+            "1",
+            model="m1",
+            decision="approved",
+            by="policy",
+            prompt_tokens=10,
+            completion_tokens=5,
+            duration=0.5,
+            stop_reason="endTurn",
+        )
+    )
+    log.write(AuditRecord("b", "2", decision="rejected", by="policy", error="denied"))
     env = os.environ | {"LOCALSAMPLE_LOG_DIR": str(log_dir)}
 
     def run(*args: str) -> str:
-        proc = subprocess.run([sys.executable, "-m", "localsample", "audit", *args], capture_output=True,
-                              text=True, env=env, timeout=60)
+        proc = subprocess.run(
+            [sys.executable, "-m", "localsample", "audit", *args], capture_output=True, text=True, env=env, timeout=60
+        )
         assert proc.returncode == 0, proc.stderr
         return proc.stdout
 

@@ -1,5 +1,6 @@
-"""The model pool on real models: keep-alive, eviction, memory budget, the queue bound,
-preload in `serve`, `ps` and `doctor`."""
+"""The model pool: keep-alive, eviction, memory budget and the queue bound (fast, on
+FakeGenerators with the real models' file sizes); preload in `serve`, `ps` and `doctor`
+(slow, on the real model)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,12 @@ import anyio
 import pytest
 from mcp import Client, StdioServerParameters
 
-from localsample.catalog import load_catalog
-from localsample.engine import ChatMessage, GenerationRequest
 from localsample.errors import BusyError
+from localsample.generation import ChatMessage, GenerationRequest
 from localsample.runtime import Runtime
 from localsample.settings import Settings
 
-from .conftest import real_model_dir
+from .conftest import FakeGenerator, fake_runtime, real_model_dir
 
 pytestmark = pytest.mark.anyio
 TEST_CATALOG = Path(__file__).parent / "catalog.toml"
@@ -35,7 +35,7 @@ def anyio_backend() -> str:
 
 def runtime(tmp_path: Path, **settings: Any) -> Runtime:
     base = Settings(model_dir=real_model_dir(), catalog_path=TEST_CATALOG, state_dir=tmp_path, **settings)
-    return Runtime(base, load_catalog(TEST_CATALOG))
+    return fake_runtime(base, TEST_CATALOG)
 
 
 def request(max_tokens: int = 4) -> GenerationRequest:
@@ -47,21 +47,22 @@ async def generate(rt: Runtime, model: str, max_tokens: int = 4) -> None:
 
 
 def loaded(rt: Runtime) -> list[str]:
-    return sorted(e.model.id for e in rt.pool.loaded())
+    return sorted(r.model.id for r in rt.pool.loaded())
 
 
-async def test_keep_alive_unloads_an_idle_model_on_time(tmp_path: Path, model_dir: Path) -> None:
+async def test_keep_alive_unloads_an_idle_model_on_time(tmp_path: Path) -> None:
     rt = runtime(tmp_path, keep_alive=1.0)
     await generate(rt, SMOL)
-    engine = rt.pool.engine(rt.catalog.get(SMOL))
-    assert rt.pool.reap(now=engine.last_used + 59.9) == [] and loaded(rt) == [SMOL]
-    assert rt.pool.reap(now=engine.last_used + 60.0) == [SMOL] and loaded(rt) == []
+    resident = rt.pool.resident(rt.catalog.get(SMOL))
+    assert rt.pool.reap(now=resident.last_used + 59.9) == [] and loaded(rt) == [SMOL]
+    assert rt.pool.reap(now=resident.last_used + 60.0) == [SMOL] and loaded(rt) == []
     await generate(rt, SMOL)  # loads again on demand
     assert loaded(rt) == [SMOL]
+    assert isinstance(resident.generator, FakeGenerator) and resident.generator.loads == 2
     rt.close()
 
 
-async def test_keep_alive_zero_and_forever(tmp_path: Path, model_dir: Path) -> None:
+async def test_keep_alive_zero_and_forever(tmp_path: Path) -> None:
     rt = runtime(tmp_path, keep_alive=0)
     await generate(rt, SMOL)
     assert loaded(rt) == []
@@ -71,7 +72,7 @@ async def test_keep_alive_zero_and_forever(tmp_path: Path, model_dir: Path) -> N
     forever.close()
 
 
-async def test_least_recently_used_is_evicted_past_max_loaded(tmp_path: Path, model_dir: Path) -> None:
+async def test_least_recently_used_is_evicted_past_max_loaded(tmp_path: Path) -> None:
     rt = runtime(tmp_path, max_loaded_models=1)
     await generate(rt, SMOL)
     await generate(rt, GEMMA)
@@ -84,7 +85,7 @@ async def test_least_recently_used_is_evicted_past_max_loaded(tmp_path: Path, mo
     two.close()
 
 
-async def test_the_memory_budget_evicts(tmp_path: Path, model_dir: Path) -> None:
+async def test_the_memory_budget_evicts(tmp_path: Path) -> None:
     rt = runtime(tmp_path, memory_budget_mb=300)  # 98 MB + 253 MB do not fit in 300 MB
     await generate(rt, SMOL)
     await generate(rt, GEMMA)
@@ -92,7 +93,8 @@ async def test_the_memory_budget_evicts(tmp_path: Path, model_dir: Path) -> None
     rt.close()
 
 
-async def test_a_busy_model_is_never_evicted(tmp_path: Path, model_dir: Path) -> None:
+async def test_a_busy_model_is_never_evicted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(FakeGenerator, "delay", 0.01)
     rt = runtime(tmp_path, max_loaded_models=1)
     async with anyio.create_task_group() as group:
         group.start_soon(generate, rt, SMOL, 150)
@@ -104,9 +106,12 @@ async def test_a_busy_model_is_never_evicted(tmp_path: Path, model_dir: Path) ->
     rt.close()
 
 
-async def test_busy_at_the_queue_bound_and_a_cancelled_request_frees_its_place(tmp_path: Path, model_dir: Path) -> None:
+async def test_busy_at_the_queue_bound_and_a_cancelled_request_frees_its_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(FakeGenerator, "delay", 0.01)
     rt = runtime(tmp_path, queue_limit=2)
-    engine = rt.pool.engine(rt.catalog.get(SMOL))
+    engine = rt.pool.resident(rt.catalog.get(SMOL))
     async with anyio.create_task_group() as group:
         group.start_soon(generate, rt, SMOL, 300)
         queued = anyio.CancelScope()
@@ -125,13 +130,14 @@ async def test_busy_at_the_queue_bound_and_a_cancelled_request_frees_its_place(t
         with anyio.fail_after(5):
             while engine.in_flight != 1:
                 await anyio.sleep(0.01)
-        group.start_soon(generate, rt, SMOL, 2)  # accepted again at once
+        group.start_soon(generate, rt, SMOL, 50)  # accepted again at once
         await anyio.sleep(0.05)
         assert engine.in_flight == 2
     assert engine.in_flight == 0
     rt.close()
 
 
+@pytest.mark.slow
 async def test_serve_preloads_and_ps_shows_it(model_dir: Path, tmp_path: Path) -> None:
     env = os.environ | {"LOCALSAMPLE_STATE_DIR": str(tmp_path / "state")}
     server = f"{sys.executable} {ROOT / 'tests' / 'servers' / 'sampling_server.py'}"
@@ -139,8 +145,9 @@ async def test_serve_preloads_and_ps_shows_it(model_dir: Path, tmp_path: Path) -
     params = StdioServerParameters(command=sys.executable, args=args, env=env)
 
     def ps() -> list[dict[str, Any]]:
-        out = subprocess.run([sys.executable, "-m", "localsample", "ps", "--json"], capture_output=True, text=True,
-                             env=env, timeout=60)
+        out = subprocess.run(
+            [sys.executable, "-m", "localsample", "ps", "--json"], capture_output=True, text=True, env=env, timeout=60
+        )
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)  # type: ignore[no-any-return]
 
@@ -162,10 +169,12 @@ async def test_serve_preloads_and_ps_shows_it(model_dir: Path, tmp_path: Path) -
             await anyio.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_doctor_checks_the_installation(model_dir: Path, isolated: Path) -> None:
     def doctor() -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "localsample", "doctor"], capture_output=True, text=True,
-                              timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "localsample", "doctor"], capture_output=True, text=True, timeout=60
+        )
 
     healthy = doctor()
     assert healthy.returncode == 0, healthy.stdout + healthy.stderr

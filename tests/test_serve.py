@@ -7,6 +7,7 @@ by localsample. Runs in both eras (the host's initialize handshake, and 2026-07-
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -37,7 +38,9 @@ async def host(
     args = ["-m", "localsample", "serve", "--protocol", protocol]
     for server in servers:
         args += ["--server", server]
-    params = StdioServerParameters(command=sys.executable, args=args)
+    # The SDK gives a stdio child only a minimal environment (HOME, PATH, ...) unless told:
+    # pass ours, so the child uses this test's directories, not HOME's.
+    params = StdioServerParameters(command=sys.executable, args=args, env=dict(os.environ))
     async with Client(params, mode=mode, elicitation_callback=elicitation) as client:
         yield client
 

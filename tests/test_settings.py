@@ -25,18 +25,23 @@ def test_file_then_env_override_defaults(isolated: Path, monkeypatch: pytest.Mon
 
 def test_unknown_key_in_file_is_named(isolated: Path) -> None:
     (isolated / "config.toml").write_text('defualt_model = "x"\n')
-    message = str(pytest.raises(ConfigError, load_settings).value)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    message = str(info.value)
     assert "defualt_model" in message and "default_model" in message  # names the known keys
     assert str(isolated / "config.toml") in message
 
 
 def test_invalid_toml_names_the_file(isolated: Path) -> None:
     (isolated / "config.toml").write_text("default_model = \n")
-    message = str(pytest.raises(ConfigError, load_settings).value)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    message = str(info.value)
     assert "not valid TOML" in message and str(isolated / "config.toml") in message
 
 
 def test_bad_value_from_env_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LOCALSAMPLE_LOG_LEVEL", "loud")
-    message = str(pytest.raises(ConfigError, load_settings).value)
-    assert "log_level" in message
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert "log_level" in str(info.value)

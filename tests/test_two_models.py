@@ -78,14 +78,21 @@ async def test_hints_choose_between_two_real_models(runtime: Runtime, hints: lis
     assert result["content"]["text"]  # it really generated
 
 
-async def test_priorities_choose_without_hints(runtime: Runtime) -> None:
-    # gemma3-270m: intelligence 0.15 > smollm2's 0.10; the qwen models are not downloaded
-    result = await sample(runtime, metadata=None)
-    assert result["model"] == "smollm2-135m-instruct"
-    handler = SamplingHandler(runtime, server="test")
-    async with Client(server, sampling_callback=handler, mode="auto") as client:
-        out = await client.call_tool("write", {"topic": "x", "max_tokens": 4, "hint": "gemma"})
-    assert json.loads(out.content[0].text)["model"] == "gemma3-270m"  # type: ignore[union-attr]
+@pytest.mark.parametrize(
+    ("priorities", "model"),
+    [
+        # gemma3-270m: intelligence 0.15 > smollm2's 0.10; the qwen models are not downloaded
+        ({"intelligence": 1.0}, "gemma3-270m"),
+        # smollm2: speed 0.95 > 0.80 and cost 0.05 < 0.10
+        ({"speed": 1.0}, "smollm2-135m-instruct"),
+        ({"cost": 1.0}, "smollm2-135m-instruct"),
+        ({"intelligence": 0.9, "speed": 0.1}, "gemma3-270m"),
+    ],
+)
+async def test_priorities_choose_without_hints(runtime: Runtime, priorities: dict[str, float], model: str) -> None:
+    result = await sample(runtime, priorities=priorities)
+    assert result["model"] == model
+    assert result["content"]["text"]  # it really generated
 
 
 async def test_a_pinned_server_gets_its_model_whatever_the_hints(gemma_file: Path, model_dir: Path) -> None:
@@ -106,7 +113,7 @@ async def test_an_allow_list_restricts_a_server(gemma_file: Path, model_dir: Pat
 
 
 def test_settings_naming_an_unknown_model_are_refused() -> None:
-    with pytest.raises(ConfigError, match="servers.writer.model names 'gpt-9'"):
+    with pytest.raises(ConfigError, match=r"servers\.writer\.model names 'gpt-9'"):
         make_runtime(writer=ServerSettings(model="gpt-9"))
 
 
@@ -118,9 +125,23 @@ def test_call_uses_the_hinted_model_and_settings_from_the_config_file(gemma_file
 
     def run(name: str, hints: list[str]) -> str:
         proc = subprocess.run(
-            [sys.executable, "-m", "localsample", "call", "--server", f"{name}={server_cmd}", "push",
-             "--args", json.dumps({"max_tokens": 4, "hints": hints}), "--protocol", "legacy"],
-            capture_output=True, text=True, timeout=120, env=env,
+            [
+                sys.executable,
+                "-m",
+                "localsample",
+                "call",
+                "--server",
+                f"{name}={server_cmd}",
+                "push",
+                "--args",
+                json.dumps({"max_tokens": 4, "hints": hints}),
+                "--protocol",
+                "legacy",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
         )
         assert proc.returncode == 0, proc.stderr
         return str(json.loads(proc.stdout)["result"]["model"])
@@ -130,9 +151,7 @@ def test_call_uses_the_hinted_model_and_settings_from_the_config_file(gemma_file
     assert run("pinned", ["haiku"]) == "gemma3-270m"
 
 
-def test_models_select_prints_choice_reason_and_runners_up(
-    gemma_file: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_models_select_prints_choice_reason_and_runners_up(gemma_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LOCALSAMPLE_CATALOG_PATH", str(TEST_CATALOG))
     runner = CliRunner()
     result = runner.invoke(app, ["models", "select", "--hint", "gemini", "--intelligence", "1", "--json"])

@@ -7,20 +7,22 @@ and returns the client's raw JSON answer, so tests see exactly what went over th
 
 import json
 import sys
+from typing import Any
 
 PROTOCOL = "2024-11-05"
 
 
-def send(message: dict) -> None:
+def send(message: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(message) + "\n")
     sys.stdout.flush()
 
 
-def read() -> dict:
+def read() -> dict[str, Any]:
     line = sys.stdin.readline()
     if not line:
         sys.exit(0)
-    return json.loads(line)
+    message: dict[str, Any] = json.loads(line)
+    return message
 
 
 def main() -> None:

@@ -50,6 +50,18 @@ async def write(
     return result.model_dump_json(by_alias=True, exclude_none=True)
 
 
+def preferences(hints: list[str] | None, priorities: dict[str, float] | None) -> types.ModelPreferences | None:
+    """modelPreferences from hint names and {"cost"|"speed"|"intelligence": priority}."""
+    if not hints and not priorities:
+        return None
+    return types.ModelPreferences(
+        hints=[types.ModelHint(name=h) for h in hints] if hints else None,
+        cost_priority=(priorities or {}).get("cost"),
+        speed_priority=(priorities or {}).get("speed"),
+        intelligence_priority=(priorities or {}).get("intelligence"),
+    )
+
+
 @server.tool()
 async def push(
     ctx: Context,
@@ -60,6 +72,7 @@ async def push(
     system: str | None = None,
     metadata: dict[str, Any] | None = None,
     hints: list[str] | None = None,
+    priorities: dict[str, float] | None = None,
     progress: bool = False,
     timeout: float | None = None,
     empty: bool = False,
@@ -81,7 +94,7 @@ async def push(
         temperature=temperature,
         system_prompt=system,
         metadata=metadata,
-        model_preferences=types.ModelPreferences(hints=[types.ModelHint(name=h) for h in hints]) if hints else None,
+        model_preferences=preferences(hints, priorities),
         tools=[types.Tool(name="lookup", input_schema={"type": "object"})] if tools else None,
     )
     seen: list[dict[str, Any]] = []
@@ -108,7 +121,8 @@ async def push(
 async def classic(ctx: Context, text: str = "Say hi.", max_tokens: int = 8) -> str:
     """The most common server pattern: push a sampling request with create_message."""
     result = await ctx.session.create_message([_message(text)], max_tokens=max_tokens)
-    return f"{result.model}: {result.content.text}"  # type: ignore[union-attr]
+    assert isinstance(result.content, types.TextContent)
+    return f"{result.model}: {result.content.text}"
 
 
 @server.tool()

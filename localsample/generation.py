@@ -1,0 +1,163 @@
+"""What a generation is, whoever runs it: request, completion, stop matching, the seam.
+
+This module is a leaf (it imports only the error tree), so every layer can share these
+types: the MCP mapping builds a ``GenerationRequest``, the pool hands out ``Generator``s
+(the in-process llama.cpp engine today; remote engines and a daemon client implement the
+same protocol), and every generator returns a ``Completion`` with an exact stop reason.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from localsample.errors import RequestError
+
+Role = Literal["system", "user", "assistant"]
+StopReason = Literal["endTurn", "stopSequence", "maxTokens"]
+
+OnText = Callable[[str, int], Awaitable[None]]
+"""Called on the event loop with each new piece of text and the completion tokens so far."""
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What to generate. ``None`` sampling values fall back to the catalog's defaults."""
+
+    messages: Sequence[ChatMessage]
+    max_tokens: int
+    system: str | None = None
+    stop: Sequence[str] = ()
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_tokens <= 0:
+            raise RequestError(f"maxTokens must be positive (got {self.max_tokens})", "send maxTokens >= 1")
+        if not self.messages:
+            raise RequestError("the request has no messages", "send at least one user message")
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished generation with its counts and timings (seconds)."""
+
+    text: str
+    model: str
+    stop_reason: StopReason
+    stop_sequence: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token: float
+    duration: float
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens after the first, over the time after the first (prompt eval excluded)."""
+        decode_time = self.duration - self.time_to_first_token
+        if self.completion_tokens < 2 or decode_time <= 0:
+            return 0.0
+        return (self.completion_tokens - 1) / decode_time
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """The sampler values one request runs with, every default already applied."""
+
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    repeat_penalty: float
+    seed: int | None
+
+
+class StopMatcher:
+    """Finds stop sequences in streamed text, holding back a possible partial match."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.held = ""
+
+    def feed(self, piece: str) -> tuple[str, str | None]:
+        """Text safe to emit now, and the stop sequence found (the text before it is returned)."""
+        if not self.stops:
+            return piece, None
+        text = self.held + piece
+        found: tuple[int, str] | None = None
+        for stop in self.stops:
+            index = text.find(stop)
+            if index >= 0 and (found is None or index < found[0]):
+                found = (index, stop)
+        if found is not None:
+            self.held = ""
+            return text[: found[0]], found[1]
+        hold = 0
+        for stop in self.stops:
+            for size in range(min(len(stop) - 1, len(text)), hold, -1):
+                if text.endswith(stop[:size]):
+                    hold = size
+                    break
+        self.held = text[len(text) - hold :]
+        return text[: len(text) - hold], None
+
+    def flush(self) -> str:
+        """The text held back when generation ends without a stop sequence."""
+        held, self.held = self.held, ""
+        return held
+
+
+@dataclass
+class Job:
+    """One generation in flight: shared between the event loop and a worker thread."""
+
+    request: GenerationRequest
+    sampling: SamplerSettings
+    emit: Callable[[str, int], None]
+    """Worker thread: new text and the completion tokens so far."""
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+class Generator(Protocol):
+    """The generation seam: what the pool hands out for one catalog model.
+
+    ``generate`` streams text to ``on_text`` and returns the completion; cancelling the
+    calling task stops generation (within a token for the llama.cpp engine) and frees its
+    resources before the cancellation propagates.
+    """
+
+    model_id: str
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the model is ready to generate without a load first."""
+        ...
+
+    @property
+    def size(self) -> int:
+        """Bytes the model takes when loaded (its files' size for a GGUF)."""
+        ...
+
+    async def ensure_loaded(self) -> None: ...
+
+    async def generate(self, request: GenerationRequest, on_text: OnText | None = None) -> Completion: ...
+
+    async def reset_cache(self) -> None:
+        """Forget every cached prompt: the next request evaluates its whole prompt."""
+        ...
+
+    def close(self) -> None:
+        """Unload the model and free what it holds (safe to call more than once)."""
+        ...
