@@ -1,13 +1,14 @@
 """The audit trail: one JSON line per sampling request, in ``log_dir/audit.jsonl``.
 
 Each line is an ``AuditRecord``: ``time`` (UTC, ISO 8601), ``server``, ``request_id``,
-``protocol``, ``decision`` (approved / rejected / cancelled / busy / error) and ``by``
+``protocol``, ``decision`` (approved / rejected / cancelled / busy / load_failed /
+error) and ``by``
 (who decided), ``model`` and
 ``reason`` (why that model), ``prompt_tokens``, ``completion_tokens``,
 ``time_to_first_token`` and ``duration`` (seconds), ``stop_reason`` and ``error``; with
 ``audit_text = true`` also ``system``, ``messages`` and ``response``.
 
-The file is created with mode 0600. When a line would take it past ``audit_max_bytes`` it
+The file is created with mode 0600, in a 0700 directory. When a line would take it past ``audit_max_bytes`` it
 is rotated: ``audit.jsonl`` → ``audit.jsonl.1`` → … → ``audit.jsonl.N`` (``audit_backups``),
 the oldest dropped, so the trail never takes more than (N + 1) x ``audit_max_bytes``.
 """
@@ -25,10 +26,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from localsample.settings import private_dir
+
 if TYPE_CHECKING:
     from localsample.settings import Settings
 
-AuditDecision = Literal["approved", "rejected", "cancelled", "busy", "error"]
+AuditDecision = Literal["approved", "rejected", "cancelled", "busy", "load_failed", "error"]
 
 
 @dataclass
@@ -82,7 +85,7 @@ class AuditLog:
         line = json.dumps({"time": stamp, **record.as_json()}) + "\n"
         data = line.encode("utf-8")
         with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(self.path.parent)
             if self.path.exists() and self.path.stat().st_size + len(data) > self.max_bytes:
                 self._rotate()
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)

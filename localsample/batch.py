@@ -183,7 +183,7 @@ class Batcher:
         self.slots = [Slot(seq) for seq in range(slots)]
         self.waiting: deque[tuple[Job, Future[Completion]]] = deque()
         self.lock = threading.Lock()
-        self.running = False
+        self.looping = False  # the step loop is scheduled or running on the executor
         self.widest_step = 0  # most requests decoded in one step (stats, tests)
         self.prompt_tokens_evaluated = 0  # prompt tokens computed, cache hits excluded
         self.tokens_generated = 0  # completion tokens produced (stats, tests)
@@ -195,11 +195,21 @@ class Batcher:
         future: Future[Completion] = Future()
         with self.lock:
             self.waiting.append((job, future))
-            start = not self.running
-            self.running = True
+            start = not self.looping
+            self.looping = True
         if start:
             self.executor.submit(self._loop)
         return future
+
+    @property
+    def running(self) -> int:
+        """Requests in a slot now (read from any thread: a snapshot)."""
+        return sum(slot.active is not None for slot in self.slots)
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a slot (a snapshot)."""
+        return len(self.waiting)
 
     # -- on the engine's thread ------------------------------------------------------------
 
@@ -228,7 +238,7 @@ class Batcher:
                 self._forget(slot)  # its record may be off now
             with self.lock:
                 waiting, self.waiting = list(self.waiting), deque()
-                self.running = False
+                self.looping = False
             for _, future in waiting:
                 future.set_exception(error)
 
@@ -247,23 +257,30 @@ class Batcher:
         with self.lock:
             busy = any(s.active is not None for s in self.slots) or bool(self.waiting)
             if not busy:
-                self.running = False
+                self.looping = False
             return busy
 
     def _reserved(self) -> int:
         return sum(len(s.active.prompt) + s.active.job.request.max_tokens for s in self.slots if s.active)
 
+    def _drop_cancelled(self) -> None:
+        """Fail every cancelled request still in the queue, wherever it stands in it (its
+        caller is waiting to hear that it let go)."""
+        with self.lock:
+            if not any(job.cancel.is_set() for job, _ in self.waiting):
+                return
+            dropped = [(job, future) for job, future in self.waiting if job.cancel.is_set()]
+            self.waiting = deque((job, future) for job, future in self.waiting if not job.cancel.is_set())
+        for _, future in dropped:
+            future.set_exception(GenerationCancelled())
+
     def _admit(self) -> None:
+        self._drop_cancelled()
         while True:
             with self.lock:
                 if not self.waiting:
                     return
                 job, future = self.waiting[0]
-            if job.cancel.is_set():
-                with self.lock:
-                    self.waiting.popleft()
-                future.set_exception(GenerationCancelled())
-                continue
             try:
                 prompt = self.tokenize(job.request)
                 if len(prompt) + job.request.max_tokens > self.n_ctx:
@@ -334,6 +351,7 @@ class Batcher:
             if reuse:  # tag the source's cells for this sequence too: no copy, no compute
                 llama_cpp.llama_memory_seq_cp(self.memory, source.seq, slot.seq, 0, reuse)
         slot.tokens = prompt[:reuse]
+        job.admitted.set()
         slot.active = Active(
             job=job,
             future=future,

@@ -84,14 +84,15 @@ class LoadSettings(_Strict):
 
 
 class SamplingDefaults(_Strict):
-    """Default sampling parameters for a model; a request's own values win."""
+    """Sampling parameters with their valid ranges: a model's defaults in the catalog, and
+    the same checks for what a request's ``metadata`` sends (a request's own values win)."""
 
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0, le=1_000_000)  # 0 = off; beyond any vocabulary is meaningless
     min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repeat_penalty: float | None = Field(None, gt=0.0)
-    seed: int | None = None
+    repeat_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)  # llama.cpp's seed is a uint32
 
 
 class ModelEntry(_Strict):

@@ -19,7 +19,16 @@ from mcp.shared.exceptions import MCPDeprecationWarning
 from localsample import __version__
 from localsample.approval import TerminalApprover
 from localsample.cli_audit import audit_app
-from localsample.cli_common import JsonOption, command_group, make_runtime, output, print_json, run_async
+from localsample.cli_common import (
+    JsonOption,
+    command_group,
+    end_line,
+    make_runtime,
+    output,
+    print_json,
+    run_async,
+    stream_text,
+)
 from localsample.cli_models import models_app
 from localsample.cli_ops import doctor_command, ps_command
 from localsample.client import NO_BACK_CHANNEL, ServerSpec, call_tool, tool_result_text
@@ -88,8 +97,7 @@ def sample(
             )
 
             async def show(text: str, _tokens: int) -> None:
-                sys.stdout.write(text)
-                sys.stdout.flush()
+                stream_text(sys.stdout, text)
 
             answer = await runtime.answer(
                 request,
@@ -105,7 +113,7 @@ def sample(
         if as_json:
             print_json(completion_json(completion, reason))
         else:
-            sys.stdout.write("\n")
+            end_line(sys.stdout)
             typer.echo(
                 f"[{completion.model}: {completion.completion_tokens} tokens, {completion.stop_reason}, "
                 f"{completion.decode_tokens_per_second:.0f} tok/s]",
@@ -132,8 +140,7 @@ def terminal_echo(quiet: bool) -> Echo | None:
         return None
 
     def echo(text: str) -> None:
-        sys.stderr.write(text)
-        sys.stderr.flush()
+        stream_text(sys.stderr, text)
 
     return echo
 
@@ -179,7 +186,7 @@ def call(
 
     result = run_async(go)
     if echo is not None:
-        sys.stderr.write("\n")
+        end_line(sys.stderr)
     if as_json:
         typer.echo(result.model_dump_json(by_alias=True, exclude_none=True, indent=2))
     elif not result.is_error:

@@ -35,7 +35,8 @@ def tail_command(
         typer.echo(f"No sampling requests recorded yet ({log.path}).")
         return
     for r in records:
-        tokens = f"{r.get('prompt_tokens', '-')}+{r.get('completion_tokens', '-')} tok"
+        counted = r.get("prompt_tokens") is not None
+        tokens = f"{r['prompt_tokens']}+{r.get('completion_tokens') or 0} tok" if counted else "-"
         took = f"{r['duration']:.2f}s" if r.get("duration") is not None else "-"
         outcome = r.get("decision", "?") + (f" by {r['by']}" if r.get("by") else "")
         line = f"{r.get('time', '?')[:19]}  {r.get('server')}  {r.get('model') or '-'}  {outcome}  {tokens}  {took}"

@@ -15,11 +15,11 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Coroutine, Iterable, Sequence
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TextIO, TypeVar
 
 import anyio
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from localsample.client import first_cause
 from localsample.errors import LocalsampleError
@@ -52,14 +52,74 @@ class ErrorBoundary(TyperGroup):
             raise
 
 
+class Command(TyperCommand):
+    """A command whose usage line names arguments the usual way (``sample [OPTIONS] PROMPT``;
+    Typer's own writes ``{prompt}``)."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, TyperArgument):
+                name = (param.metavar or (param.name or "").upper()) + ("..." if param.nargs != 1 else "")
+                pieces.append(name if param.required else f"[{name}]")
+            else:
+                pieces.extend(param.get_usage_pieces(ctx))
+        return pieces
+
+
+class App(typer.Typer):
+    """A Typer app whose commands are :class:`Command` unless they say otherwise."""
+
+    def command(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("cls", Command)
+        return super().command(*args, **kwargs)
+
+
 def command_group(**kwargs: Any) -> typer.Typer:
-    """A Typer app (or sub-app) whose errors go through :class:`ErrorBoundary`."""
-    return typer.Typer(cls=ErrorBoundary, no_args_is_help=True, **kwargs)
+    """A Typer app (or sub-app) whose errors go through :class:`ErrorBoundary`. Help is
+    plain text: Typer's rich help labels flags such as ``--help`` with ``<bool>``, as if
+    they took a value."""
+    return App(cls=ErrorBoundary, no_args_is_help=True, rich_markup_mode=None, **kwargs)
+
+
+open_lines: set[TextIO] = set()
+"""Streams that streamed text left in the middle of a line."""
+
+
+def stream_text(out: TextIO, text: str) -> None:
+    """Write generated text as it comes (flushed), remembering an unfinished line."""
+    if not text:
+        return
+    out.write(text)
+    out.flush()
+    if text.endswith("\n"):
+        open_lines.discard(out)
+    else:
+        open_lines.add(out)
+
+
+def end_line(out: TextIO) -> None:
+    """End the line streamed text left open on ``out`` (nothing if there is none)."""
+    if out in open_lines:
+        open_lines.discard(out)
+        out.write("\n")
+        out.flush()
+
+
+class LineAwareHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A log handler that first ends a line streamed text left open on a terminal, so a
+    log line never starts in the middle of generated text."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        for out in list(open_lines):
+            if out.isatty():
+                end_line(out)
+        super().emit(record)
 
 
 def setup_logging(level: str = "info") -> None:
     """Every log line goes to stderr: stdout belongs to results (and to MCP in `serve`)."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = LineAwareHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("localsample: %(levelname)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -36,19 +36,25 @@ def select_command(
     runtime = make_runtime()
     prefs = Preferences(tuple(hint or ()), cost, speed, intelligence)
     choice = runtime.select(needs=Needs(frozenset(needs or ()), max_tokens=context), prefs=prefs, server=server)
-    ranking = [{"id": r.model.id, "score": round(r.score, 3), "excluded": r.excluded} for r in choice.ranking]
+    ranking = [
+        {"id": r.model.id, "score": round(r.score, 3) if any(prefs.weights) else None, "excluded": r.excluded}
+        for r in choice.ranking
+    ]
+
+    scored = any(prefs.weights)
 
     def text() -> list[str]:
-        lines = [
-            choice.model.id,
-            f"  why: {choice.reason}",
-            "  ranking (score: the request's priorities applied to the catalog's cost/speed/intelligence):",
-        ]
+        header = (
+            "  ranking (score: the request's priorities applied to the catalog's cost/speed/intelligence):"
+            if scored
+            else "  ranking (no priorities given, so no scores: --cost, --speed, --intelligence set them):"
+        )
+        lines = [choice.model.id, f"  why: {choice.reason}", header]
         width = max(len(r.model.id) for r in choice.ranking)
         for r in choice.ranking:
             mark = "*" if r.model.id == choice.model.id else " "
             note = f"  - {r.excluded}" if r.excluded else ""
-            lines.append(f"  {mark} {r.model.id:<{width}}  {r.score:.2f}{note}")
+            lines.append(f"  {mark} {r.model.id:<{width}}  {f'{r.score:.2f}' if scored else '—':>4}{note}")
         return lines
 
     output({"model": choice.model.id, "reason": choice.reason, "ranking": ranking}, as_json, text)

@@ -28,7 +28,7 @@ import anyio
 
 from localsample.batch import Batcher, ContextSettings
 from localsample.catalog import ModelEntry
-from localsample.errors import ModelFileError, RequestError
+from localsample.errors import BusyError, ModelFileError, RequestError
 from localsample.generation import Completion, GenerationRequest, Job, OnText, SamplerSettings
 from localsample.gguf_file import check_gguf_file, files_size
 
@@ -222,12 +222,20 @@ class Engine:
 
     # -- generation ------------------------------------------------------------------
 
-    async def generate(self, request: GenerationRequest, on_text: OnText | None = None) -> Completion:
+    @property
+    def running(self) -> int:
+        """Requests generating now (a snapshot)."""
+        return self._batcher.running if self._batcher is not None else 0
+
+    async def generate(
+        self, request: GenerationRequest, on_text: OnText | None = None, *, queue_timeout: float | None = None
+    ) -> Completion:
         """Generate a completion, calling ``on_text`` with new text as it is produced.
 
         Text is delivered in pieces at most about every ``STREAM_INTERVAL`` seconds (the
         first piece at once). Cancelling the calling task stops the worker within one
-        token; this coroutine returns only once the worker has let go of the model.
+        token; this coroutine returns only once the worker has let go of the model. A
+        request still waiting for a slot after ``queue_timeout`` seconds gets BusyError.
         """
         await self.ensure_loaded()
         assert self._batcher is not None
@@ -236,6 +244,7 @@ class Engine:
         job = Job(request, sampler_settings(request, self.model), channel.put)
         worker = asyncio.wrap_future(self._batcher.submit(job))
         worker.add_done_callback(lambda _: channel.wake.set())
+        deadline = None if queue_timeout is None else loop.time() + queue_timeout
         try:
             while True:
                 finished = worker.done()  # read first: all text put before it is taken below
@@ -244,7 +253,13 @@ class Engine:
                     await on_text(*item)
                 if finished:
                     return worker.result()
-                if item is not None:
+                if deadline is not None and not job.admitted.is_set():
+                    if loop.time() >= deadline:
+                        raise self._queue_expired(queue_timeout or 0.0)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(channel.wake.wait(), timeout=deadline - loop.time())
+                    channel.wake.clear()
+                elif item is not None:
                     await asyncio.wait([worker], timeout=STREAM_INTERVAL)
                 else:
                     await channel.wake.wait()
@@ -256,6 +271,15 @@ class Engine:
                     await asyncio.wait([worker])
             if not worker.cancelled():
                 worker.exception()  # mark retrieved: a cancelled run's error is nobody's news
+
+    def _queue_expired(self, waited: float) -> BusyError:
+        batcher = self._batcher
+        running, queued = (batcher.running, batcher.queued) if batcher is not None else (0, 0)
+        return BusyError(
+            f"busy: waited {waited:g} s for a free slot of model '{self.model.id}' "
+            f"({running} requests running, {queued} waiting)",
+            "retry later, or raise the queue_timeout or parallel setting",
+        )
 
     def _prompt_tokens(self, llama: Llama, request: GenerationRequest) -> list[int]:
         messages: list[dict[str, str]] = []

@@ -128,6 +128,8 @@ class Job:
     emit: Callable[[str, int], None]
     """Worker thread: new text and the completion tokens so far."""
     cancel: threading.Event = field(default_factory=threading.Event)
+    admitted: threading.Event = field(default_factory=threading.Event)
+    """Set when the job leaves the queue and starts (its prompt is being evaluated)."""
 
 
 class Generator(Protocol):
@@ -135,7 +137,8 @@ class Generator(Protocol):
 
     ``generate`` streams text to ``on_text`` and returns the completion; cancelling the
     calling task stops generation (within a token for the llama.cpp engine) and frees its
-    resources before the cancellation propagates.
+    resources before the cancellation propagates. A request that waits longer than
+    ``queue_timeout`` seconds for the generator to start it gets ``BusyError``.
     """
 
     model_id: str
@@ -152,7 +155,14 @@ class Generator(Protocol):
 
     async def ensure_loaded(self) -> None: ...
 
-    async def generate(self, request: GenerationRequest, on_text: OnText | None = None) -> Completion: ...
+    @property
+    def running(self) -> int:
+        """Requests generating now (not those waiting for a turn)."""
+        ...
+
+    async def generate(
+        self, request: GenerationRequest, on_text: OnText | None = None, *, queue_timeout: float | None = None
+    ) -> Completion: ...
 
     async def reset_cache(self) -> None:
         """Forget every cached prompt: the next request evaluates its whole prompt."""

@@ -168,12 +168,50 @@ class _Header:
             key = self.string()
             values[key] = self.value(self.scalar("I"))
         shapes: list[tuple[int, ...]] = []
+        end = 0  # where the tensor data ends, relative to its start
         for _ in range(n_tensors):
             self.string()
             dims = self.scalar("I")
-            shapes.append(struct.unpack_from(f"<{dims}Q", self.data, self.pos))
-            self.pos += 8 * dims + 4 + 8  # dims, then type (u32) and offset (u64)
+            shape = struct.unpack_from(f"<{dims}Q", self.data, self.pos)
+            self.pos += 8 * dims
+            kind, offset = self.scalar("I"), self.scalar("Q")
+            shapes.append(shape)
+            end = max(end, offset + tensor_bytes(kind, _elements(shape)))
+        alignment = int(values.get("general.alignment") or 32)
+        data_start = -(-self.pos // alignment) * alignment
+        if n_tensors and data_start + end > len(self.data):
+            raise ValueError(f"truncated: its tensors need {data_start + end} bytes, the file has {len(self.data)}")
         return values, shapes
+
+
+# ggml tensor types: (elements per block, bytes per block). The types of the GGUFs people
+# run; a tensor of a type not listed counts from its offset only.
+GGML_BLOCKS: dict[int, tuple[int, int]] = {
+    0: (1, 4),  # F32
+    1: (1, 2),  # F16
+    2: (32, 18),  # Q4_0
+    3: (32, 20),  # Q4_1
+    6: (32, 22),  # Q5_0
+    7: (32, 24),  # Q5_1
+    8: (32, 34),  # Q8_0
+    10: (256, 84),  # Q2_K
+    11: (256, 110),  # Q3_K
+    12: (256, 144),  # Q4_K
+    13: (256, 176),  # Q5_K
+    14: (256, 210),  # Q6_K
+    20: (32, 18),  # IQ4_NL
+    23: (256, 136),  # IQ4_XS
+    24: (1, 1),  # I8
+    25: (1, 2),  # I16
+    26: (1, 4),  # I32
+    30: (1, 2),  # BF16
+}
+
+
+def tensor_bytes(kind: int, elements: int) -> int:
+    """Bytes of a tensor of ggml type ``kind`` (0 for a type not in GGML_BLOCKS)."""
+    block = GGML_BLOCKS.get(kind)
+    return 0 if block is None else elements // block[0] * block[1]
 
 
 def _header(path: Path) -> tuple[dict[str, Any], list[tuple[int, ...]]]:

@@ -109,8 +109,10 @@ class Pool:
         """The loaded generator for one request: counted in flight, room made, marked used."""
         resident = self.resident(model)
         if resident.in_flight >= self.settings.queue_limit:
+            running = min(resident.generator.running, resident.in_flight)
             raise BusyError(
-                f"busy: {resident.in_flight} requests are already waiting for model '{model.id}'",
+                f"busy: model '{model.id}' has {running} requests running and {resident.in_flight - running} "
+                f"waiting (queue_limit = {self.settings.queue_limit})",
                 "retry later, or raise the queue_limit setting",
             )
         resident.in_flight += 1

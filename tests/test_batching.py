@@ -13,6 +13,7 @@ import anyio
 import pytest
 
 from localsample.engine import Engine
+from localsample.errors import BusyError
 from localsample.generation import ChatMessage, GenerationRequest
 
 from .conftest import small_entry
@@ -165,6 +166,32 @@ async def test_cancelling_one_request_inside_a_batch_leaves_the_other_intact(fre
     assert fresh.batcher is not None
     assert all(slot.active is None for slot in fresh.batcher.slots)  # the slot was freed
     fresh.close()
+
+
+async def test_a_request_queued_past_its_timeout_is_busy_and_leaves_the_queue(model_dir: Path) -> None:
+    entry = small_entry()
+    one = Engine(entry, model_dir / entry.source, slots=1)
+    running = anyio.Event()
+    results: list[str] = []
+
+    async def first_token(_text: str, _tokens: int) -> None:
+        running.set()
+
+    async with anyio.create_task_group() as group:
+
+        async def long() -> None:
+            results.append((await one.generate(greedy(PROMPTS[1], max_tokens=150), first_token)).stop_reason)
+
+        group.start_soon(long)
+        with anyio.fail_after(60):
+            await running.wait()
+        started = time.monotonic()
+        with pytest.raises(BusyError, match=r"waited 0.3 s for a free slot .* \(1 requests running, 1 waiting\)"):
+            await one.generate(greedy(PROMPTS[0], max_tokens=10), queue_timeout=0.3)
+        assert time.monotonic() - started < 2.0  # at the deadline, not when the slot frees up
+        assert one.batcher is not None and one.batcher.queued == 0  # it left the queue
+    assert results == ["maxTokens"]  # the running request was not disturbed
+    one.close()
 
 
 async def test_interleaved_system_prompts_keep_their_cached_prefix(fresh: Engine) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -172,3 +173,62 @@ def test_models_show_json_of_a_downloaded_model(model_dir: Path) -> None:
     assert data["path"] == str(model_dir / "SmolLM2-135M-Instruct.Q4_1.gguf") and data["vision_projector"] is None
     missing = json.loads(runner.invoke(app, ["models", "show", "qwen2.5-3b-instruct", "--json"]).stdout)
     assert missing["status"] == "missing" and missing["path"] is None and "architecture" not in missing
+
+
+def test_help_names_arguments_plainly_and_gives_flags_no_type() -> None:
+    top = runner.invoke(app, ["--help"])
+    assert top.exit_code == 0 and "<bool>" not in top.stdout
+    assert "--version  Print the version." in top.stdout
+    sample = runner.invoke(app, ["sample", "--help"])
+    assert "Usage: localsample sample [OPTIONS] PROMPT" in sample.stdout and "{prompt}" not in sample.stdout
+    rm = runner.invoke(app, ["models", "rm", "--help"])
+    assert "Usage: localsample models rm [OPTIONS] MODELS..." in rm.stdout
+
+
+class Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_log_line_never_starts_inside_streamed_text() -> None:
+    import logging
+
+    from localsample.cli_common import LineAwareHandler, end_line, stream_text
+
+    terminal = Tty()
+    logger = logging.getLogger("localsample.test-lines")
+    handler = LineAwareHandler(terminal)
+    logger.addHandler(handler)
+    try:
+        stream_text(terminal, "3. Oranges")
+        logger.warning("answered")
+        stream_text(terminal, "more text\n")
+        logger.warning("again")  # the text ended its own line: no blank line added
+        stream_text(terminal, "tail")
+        end_line(terminal)
+        end_line(terminal)  # once only
+    finally:
+        logger.removeHandler(handler)
+    assert terminal.getvalue() == "3. Oranges\nanswered\nmore text\nagain\ntail\n"
+
+
+def test_models_select_without_priorities_shows_no_scores(isolated: Path) -> None:
+    result = runner.invoke(app, ["models", "select"])
+    assert result.exit_code == 0, result.output
+    assert "no priorities given" in result.stdout and "0.00" not in result.stdout
+    assert "  * smollm2-135m-instruct" in result.stdout and "—" in result.stdout
+    data = json.loads(runner.invoke(app, ["models", "select", "--json"]).stdout)
+    assert all(row["score"] is None for row in data["ranking"])
+    scored = runner.invoke(app, ["models", "select", "--speed", "1"])
+    assert "0.95" in scored.stdout
+
+
+def test_audit_tail_error_rows_have_no_token_counts(isolated: Path) -> None:
+    from localsample.audit import AuditLog, AuditRecord
+
+    log = AuditLog(isolated / "logs" / "audit.jsonl", max_bytes=10**6, backups=1, include_text=False)
+    log.write(AuditRecord("srv", "1", decision="error", error="params.messages is empty"))
+    log.write(AuditRecord("srv", "2", decision="approved", prompt_tokens=7, completion_tokens=3, duration=0.5))
+    lines = runner.invoke(app, ["audit", "tail"]).stdout.splitlines()
+    assert "-+-" not in lines[0] and "error: params.messages is empty" in lines[0]
+    assert "7+3 tok" in lines[1]

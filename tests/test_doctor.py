@@ -82,3 +82,15 @@ def test_a_fresh_installation_has_no_errors(isolated: Path) -> None:
     assert any(what.startswith("GPU offload: ") for what in whats)
     assert f"log directory {isolated / 'logs'} is writable" in whats
     assert all(check.fix for check in checks if check.level is Level.WARNING)
+
+
+def test_a_truncated_gguf_is_an_error_not_ok(isolated: Path) -> None:
+    from .conftest import real_model_dir
+
+    whole = (real_model_dir() / "SmolLM2-135M-Instruct.Q4_1.gguf").read_bytes()
+    cut = isolated / "cut.gguf"
+    cut.write_bytes(whole[: 50 * 1000 * 1000])  # a download that stopped at 50 MB
+    (isolated / "models.toml").write_text(f'[[models]]\nid = "cut"\nsource = "{cut}"\n')
+    [found] = [check for check in errors(diagnose()) if check.what.startswith("cut:")]
+    assert "damaged GGUF" in found.what and f"need {len(whole)} bytes, the file has 50000000" in found.what
+    assert found.fix is not None and "download" in found.fix

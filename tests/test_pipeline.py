@@ -92,7 +92,7 @@ async def test_every_refusal_has_its_own_audit_decision(tmp_path: Path, monkeypa
     async with anyio.create_task_group() as group:
         group.start_soon(rt.answer, long, Origin("lib", "2"))
         await anyio.sleep(0.1)
-        with pytest.raises(BusyError, match="1 requests are already waiting"):
+        with pytest.raises(BusyError, match="has 1 requests running and 0 waiting"):
             await rt.answer(HELLO, Origin("lib", "3"))
         group.cancel_scope.cancel()
     decisions = {line["request_id"]: line["decision"] for line in audit(tmp_path)}
@@ -120,6 +120,13 @@ async def test_mcp_codes_for_refusals(tmp_path: Path) -> None:
         ({"temperature": 3.5}, "temperature must be between 0 and 2 (got 3.5)"),
         ({"metadata": {"top_k": "many"}}, "metadata.top_k must be a number"),
         ({"max_tokens": 9000}, "maxTokens 9000 of context"),
+        ({"stop": ["x"] * 33}, "stopSequences has 33 entries; at most 32"),
+        ({"stop": ["y" * 300]}, "an entry of 300 characters; at most 256"),
+        ({"metadata": {"top_p": -1}}, "metadata.top_p is out of range: input should be greater than 0"),
+        ({"metadata": {"min_p": 5}}, "metadata.min_p is out of range"),
+        ({"metadata": {"repeat_penalty": -1e308}}, "metadata.repeat_penalty is out of range"),
+        ({"metadata": {"top_k": 10**12}}, "metadata.top_k is out of range"),
+        ({"metadata": {"seed": 2**70}}, "metadata.seed is out of range"),
     ],
 )
 async def test_bad_requests_get_invalid_params_and_are_audited(
@@ -171,3 +178,58 @@ def test_the_readme_library_example_runs_as_written(model_dir: Path, tmp_path: P
     assert "named" not in proc.stdout and "hint 'haiku'" in proc.stdout  # the reason is printed
     [line] = [json.loads(x) for x in (tmp_path / "logs" / "audit.jsonl").read_text().splitlines()]
     assert line["server"] == "my-app" and line["decision"] == "approved"
+
+
+async def test_a_request_waiting_past_queue_timeout_gets_busy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(FakeGenerator, "delay", 0.02)
+    rt = runtime(tmp_path, parallel=1, queue_timeout=0.2)
+    long = GenerationRequest(messages=[ChatMessage("user", "hi")], max_tokens=100)
+    async with anyio.create_task_group() as group:
+        group.start_soon(rt.answer, long, Origin("lib", "1"))
+        await anyio.sleep(0.05)
+        with anyio.fail_after(5), pytest.raises(BusyError, match=r"waited 0\.2 s for a free slot"):
+            await rt.answer(HELLO, Origin("lib", "2"))
+    assert {line["request_id"]: line["decision"] for line in audit(tmp_path)} == {"1": "approved", "2": "busy"}
+    rt.close()
+
+
+async def test_a_model_that_fails_to_load_is_audited_and_its_path_stays_local(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"PK\x03\x04 secret bytes of some other file")
+    catalog = tmp_path / "models.toml"
+    catalog.write_text(f'[[models]]\nid = "junk"\nsource = "{junk}"\n')
+    settings = Settings(
+        model_dir=real_model_dir(),
+        catalog_path=catalog,
+        log_dir=tmp_path / "logs",
+        servers={"test": ServerSettings(model="junk")},
+    )
+    rt = fake_runtime(settings, catalog)
+    report = await push(rt)
+    message = report["error"]["message"]
+    assert "could not be loaded" in message and "localsample doctor" in message
+    assert str(tmp_path) not in message and "secret" not in message  # the server learns no local detail
+    [line] = audit(tmp_path)
+    assert line["decision"] == "load_failed" and str(junk) in line["error"]  # the user's own trail has it
+    rt.close()
+
+
+def test_directories_holding_prompts_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    from localsample.audit import AuditLog, AuditRecord
+
+    old = os.umask(0)
+    try:
+        log = AuditLog(tmp_path / "state" / "log" / "audit.jsonl", max_bytes=10**6, backups=1, include_text=True)
+        log.write(AuditRecord("s", "1", decision="approved"))
+        rt = runtime(tmp_path, state_dir=tmp_path / "state2")
+        rt.publishing = True
+        rt.publish_status()
+    finally:
+        os.umask(old)
+    for folder in (tmp_path / "state", tmp_path / "state" / "log", tmp_path / "state2", tmp_path / "state2" / "run"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+    assert stat.S_IMODE((tmp_path / "state" / "log" / "audit.jsonl").stat().st_mode) == 0o600
+    rt.close()

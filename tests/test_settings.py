@@ -45,3 +45,13 @@ def test_bad_value_from_env_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError) as info:
         load_settings()
     assert "log_level" in str(info.value)
+
+
+def test_a_mistyped_key_gets_the_nearest_one_also_in_server_tables(isolated: Path) -> None:
+    (isolated / "config.toml").write_text('max_token = 5\nqueue_limit = "lots"\n[servers.w]\nmax_token = 3\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    message = str(info.value)
+    assert "'servers.w.max_token': unknown setting; did you mean servers.w.max_tokens?" in message
+    assert "'max_token': unknown setting; did you mean max_tokens in a [servers.NAME]" in message
+    assert "'queue_limit': Input should be a valid integer" in message and "(got 'lots')" in message
