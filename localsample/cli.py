@@ -34,6 +34,7 @@ from localsample.cli_ops import doctor_command, ps_command
 from localsample.client import NO_BACK_CHANNEL, ServerSpec, call_tool, tool_result_text
 from localsample.errors import ServerError, ServerSpecError
 from localsample.generation import ChatMessage, Completion, GenerationRequest
+from localsample.listen import check_bind
 from localsample.proxy import Proxy
 from localsample.runtime import Origin
 from localsample.sampling import Echo, SamplingHandler
@@ -180,7 +181,14 @@ def call(
 
     async def go() -> types.CallToolResult:
         try:
-            return await call_tool(spec, tool, handler, pairs=arg, json_args=args_json)
+            return await call_tool(
+                spec,
+                tool,
+                handler,
+                pairs=arg,
+                json_args=args_json,
+                connect_timeout=runtime.settings.connect_timeout,
+            )
         finally:
             runtime.close()
 
@@ -208,6 +216,20 @@ def serve(
     listen: Annotated[
         str | None, typer.Option(help="Serve over Streamable HTTP at HOST:PORT instead of stdio.")
     ] = None,
+    allow_remote: Annotated[
+        bool, typer.Option("--allow-remote", help="Allow --listen on an address other than 127.0.0.1/localhost/::1.")
+    ] = False,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="LOCALSAMPLE_TOKEN",
+            help="Bearer token HTTP clients must send (default: generated, printed once to stderr).",
+        ),
+    ] = None,
+    allow_host: Annotated[
+        list[str] | None,
+        typer.Option("--allow-host", help="Another NAME[:PORT] clients may use in Host/Origin (repeatable)."),
+    ] = None,
 ) -> None:
     """Serve MCP to a host, forwarding to SERVER(s) and answering their sampling locally.
 
@@ -218,17 +240,24 @@ def serve(
     specs = [ServerSpec.parse(value, env=parse_env(env), cwd=cwd, protocol=protocol) for value in server]
     proxy = Proxy(runtime, specs)
     address = parse_listen(listen) if listen else None
+    if address is not None:
+        check_bind(address[0], allow_remote)  # before any server starts or model loads
 
     async def go() -> None:
         try:
             if address is None:
                 await proxy.run_stdio()
             else:
-                await proxy.run_http(*address)
+                host, port = address
+                await proxy.run_http(
+                    host, port, token=token, allow_remote=allow_remote, extra_hosts=tuple(allow_host or ())
+                )
         finally:
             runtime.close()
 
     run_async(go)
+    if proxy.exit_status:  # stopped by SIGINT
+        raise typer.Exit(proxy.exit_status)
 
 
 def parse_listen(value: str) -> tuple[str, int]:

@@ -7,6 +7,7 @@ the URL's host or the command's script name.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -19,10 +20,12 @@ from urllib.parse import urlsplit
 
 from mcp import Client, StdioServerParameters, types
 from mcp.client.session import ElicitationFnT, ListRootsFnT, LoggingFnT, MessageHandlerFnT, SamplingFnT
+from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
 from localsample import __version__
 from localsample.errors import INVALID_REQUEST, ServerError, ServerSpecError, is_connection_closed
+from localsample.transport import GuardedTransport, StdioTransport
 
 PROTOCOLS = ("auto", "legacy", "2026-07-28")
 """``auto``: 2026-07-28 where the server offers it, else the initialize handshake;
@@ -33,6 +36,13 @@ PROTOCOL_FIX = (
 )
 NO_BACK_CHANNEL = "no back-channel for server-initiated requests"
 """What an mcp>=2 server says when it pushes sampling on a 2026-07-28 connection."""
+
+CONNECT_TIMEOUT = 30.0
+"""Seconds a server has to start and answer the handshake (initialize or server/discover)."""
+TIMEOUT_FIX = (
+    "check that the command starts an MCP server that talks on stdio (run it by itself); "
+    "a server that is just slow to start needs a larger connect_timeout setting"
+)
 
 NAME_PREFIX = re.compile(r"^(?P<name>[A-Za-z][A-Za-z0-9_-]{0,63})=(?P<spec>\S.*)$")
 
@@ -101,6 +111,55 @@ def _default_name(command: list[str]) -> str:
     return cleaned[:64]
 
 
+@dataclass(kw_only=True)
+class ServerClient(Client):
+    """``mcp.Client`` over one of localsample's transports (see ``localsample.transport``).
+
+    Entering it is bounded by the transport's connect timeout, and an error while
+    connecting becomes a ``ServerError`` that names the server (with the last lines it
+    wrote to stderr, for a stdio server that stopped).
+    """
+
+    spec: ServerSpec
+    ready: bool = field(default=False, init=False)
+
+    @property
+    def transport(self) -> StdioTransport | GuardedTransport:
+        assert isinstance(self.server, StdioTransport | GuardedTransport)
+        return self.server
+
+    async def __aenter__(self) -> ServerClient:
+        try:
+            await super().__aenter__()
+        except Exception as exc:
+            raise self.failure(exc) from exc
+        self.transport.watch.connected()
+        self.ready = True
+        return self
+
+    def stderr_tail(self) -> list[str]:
+        """The last lines the server wrote to stderr (complete once the client has exited)."""
+        return self.transport.stderr_tail()
+
+    def failure(self, exc: BaseException) -> ServerError:
+        """A clear error for ``exc``, raised while connecting or while using the connection."""
+        cause = first_cause(exc)
+        if isinstance(cause, ServerError):
+            return cause
+        spec, tail = self.spec, self.stderr_tail()
+        exit_status = self.transport.returncode if isinstance(self.transport, StdioTransport) else None
+        if self.transport.watch.timed_out:
+            timeout = self.transport.watch.timeout
+            problem = f"server '{spec.name}' did not answer the MCP handshake (initialize or server/discover)"
+            return with_stderr(ServerError(f"{problem} within {timeout:g} s", TIMEOUT_FIX), tail)
+        if isinstance(cause, MCPError):
+            if mcp_error_kind(cause) == "closed":
+                return closed_error(spec, tail, exit_status, starting=not self.ready)
+            if self.ready:
+                return mcp_error(spec, cause)
+        return with_stderr(connect_error(spec, cause), tail)
+
+
 def make_client(
     spec: ServerSpec,
     sampling: SamplingFnT,
@@ -109,14 +168,25 @@ def make_client(
     list_roots: ListRootsFnT | None = None,
     logging_callback: LoggingFnT | None = None,
     message_handler: MessageHandlerFnT | None = None,
-) -> Client:
-    """An unopened ``mcp.Client`` for ``spec`` that answers sampling with ``sampling``.
+    connect_timeout: float = CONNECT_TIMEOUT,
+) -> ServerClient:
+    """An unopened client for ``spec`` that answers sampling with ``sampling``.
 
     In ``auto`` mode the client speaks 2026-07-28 to servers that offer it and falls back
     to the initialize handshake otherwise; sampling reaches ``sampling`` either way.
+    Entering it raises ``ServerError`` if the server has not connected after
+    ``connect_timeout`` seconds. Malformed JSON-RPC from a stdio server is answered with
+    a JSON-RPC error and logged, and does not end the connection.
     """
-    return Client(
-        spec.target(),
+    target = spec.target()
+    transport: StdioTransport | GuardedTransport
+    if isinstance(target, str):
+        transport = GuardedTransport(streamable_http_client(target), name=spec.name, connect_timeout=connect_timeout)
+    else:
+        transport = StdioTransport(target, name=spec.name, connect_timeout=connect_timeout)
+    return ServerClient(
+        transport,
+        spec=spec,
         sampling_callback=sampling,
         elicitation_callback=elicitation,
         list_roots_callback=list_roots,
@@ -130,6 +200,8 @@ def make_client(
 
 def connect_error(spec: ServerSpec, exc: BaseException) -> ServerError:
     """A clear error for a server that could not be started or reached."""
+    if isinstance(exc, ServerError):
+        return exc
     if isinstance(exc, FileNotFoundError):
         return ServerError(
             f"server '{spec.name}': command not found: {spec.command[0]}",
@@ -222,19 +294,76 @@ def mcp_error_kind(exc: MCPError) -> McpErrorKind:
 def mcp_error(spec: ServerSpec, exc: MCPError) -> ServerError:
     kind = mcp_error_kind(exc)
     if kind == "closed":
-        return ServerError(
-            f"server '{spec.name}' closed the connection (it exited or crashed; its own error output, "
-            "if any, is above)",
-            "run the server command by itself to see why it stops"
-            if spec.url is None
-            else "check that the server is still running",
-        )
+        return closed_error(spec, [], None, starting=False)
     if kind == "no_back_channel":
         return ServerError(
             f"server '{spec.name}' could not send its sampling request: {exc}",
             "this server pushes sampling requests; run again with --protocol legacy",
         )
     return ServerError(f"server '{spec.name}' answered with an error: {exc}", "check the tool name and arguments")
+
+
+def closed_error(spec: ServerSpec, tail: list[str], exit_status: int | None, *, starting: bool) -> ServerError:
+    """The server closed the connection; ``tail`` is the last of its stderr, if kept."""
+    when = " during start-up" if starting else ""
+    status = f", exit status {exit_status}" if exit_status else ""
+    if spec.url is not None:
+        return ServerError(
+            f"server '{spec.name}' closed the connection{when}", "check that the server is still running"
+        )
+    if not tail:
+        return ServerError(
+            f"server '{spec.name}' closed the connection{when} (it exited or crashed{status}; "
+            "its own error output, if any, is above)",
+            "run the server command by itself to see why it stops",
+        )
+    fix = "run the server command by itself to see why it stops"
+    if any("ModuleNotFoundError" in line or "ImportError" in line for line in tail):
+        fix = (
+            "install the missing module for the Python that runs the server, "
+            "or start the server with the Python that has it"
+        )
+    return with_stderr(
+        ServerError(f"server '{spec.name}' closed the connection{when} (it exited or crashed{status})", fix), tail
+    )
+
+
+def with_stderr(error: ServerError, tail: list[str]) -> ServerError:
+    """``error`` with the server's last stderr lines added to its problem."""
+    if not tail:
+        return error
+    lines = "\n".join(f"    | {line}" for line in tail)
+    return ServerError(f"{error.problem}; the last lines it wrote to stderr:\n{lines}", error.fix)
+
+
+def check_tool_args(tool: str, arguments: Mapping[str, Any], schema: Mapping[str, Any] | None) -> None:
+    """Refuse arguments the tool's input schema does not name, and required ones missing.
+
+    Checked only when the schema declares ``properties``; names outside them are allowed
+    when ``additionalProperties`` (or ``patternProperties``) lets the tool take others.
+    """
+    properties = (schema or {}).get("properties")
+    if not isinstance(properties, Mapping):
+        return
+    assert schema is not None
+    names = sorted(str(name) for name in properties)
+    problems: list[str] = []
+    extra = schema.get("additionalProperties")
+    if (extra is None or extra is False) and "patternProperties" not in schema:
+        for key in (k for k in arguments if k not in properties):
+            close = difflib.get_close_matches(key, names, n=1)
+            problems.append(f"no argument '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    required = schema.get("required")
+    missing = [r for r in required if isinstance(r, str) and r not in arguments] if isinstance(required, list) else []
+    if missing:
+        problems.append("missing required " + ", ".join(f"'{m}'" for m in missing))
+    if not problems:
+        return
+    shown = ", ".join(f"{n} (required)" if isinstance(required, list) and n in required else n for n in names)
+    raise ServerError(
+        f"tool '{tool}' arguments: {'; '.join(problems)} (its arguments: {shown or 'none'})",
+        "pass the tool's own argument names: --arg NAME=VALUE or --args '{\"NAME\": ...}'",
+    )
 
 
 def first_cause(exc: BaseException) -> BaseException:
@@ -251,21 +380,21 @@ async def call_tool(
     *,
     pairs: list[str] | None = None,
     json_args: str | None = None,
+    connect_timeout: float = CONNECT_TIMEOUT,
 ) -> types.CallToolResult:
-    """Connect, call one tool (answering its sampling with ``sampling``), disconnect."""
+    """Connect, call one tool (answering its sampling with ``sampling``), disconnect.
+
+    The arguments are checked against the tool's input schema before the call.
+    """
+    client = make_client(spec, sampling, connect_timeout=connect_timeout)
     try:
-        async with make_client(spec, sampling) as client:
+        async with client:
             found = await find_tool(client, tool)
             arguments = parse_tool_args(pairs or [], json_args, found.input_schema)
+            check_tool_args(tool, arguments, found.input_schema)
             return await client.call_tool(tool, arguments)
     except ServerError:
         raise
-    except MCPError as exc:
-        raise mcp_error(spec, exc) from exc
     except Exception as exc:
-        cause = first_cause(exc)
-        if isinstance(cause, ServerError):
-            raise cause from exc
-        if isinstance(cause, MCPError):
-            raise mcp_error(spec, cause) from exc
-        raise connect_error(spec, cause) from exc
+        # Built after the client has exited, so the server's stderr is read to its end.
+        raise client.failure(exc) from exc

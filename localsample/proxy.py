@@ -11,26 +11,46 @@ With several servers, a tool or prompt name offered by more than one of them is 
 as ``SERVER__NAME`` for each of them; unique names pass through unchanged. Resources are
 routed by URI to the server that listed them (a URI not listed goes to each server in
 turn until one can read it).
+
+Downstream servers are connected concurrently, each within ``connect_timeout``. One that
+fails to connect is left out with one log line, and the host is served by the others
+(``serve`` fails only when none connects). One that goes away later is dropped from the
+lists the host gets, and the host is told that its lists changed. SIGTERM or SIGINT
+cancels everything in flight (generation included) and ``serve`` returns, so that the
+caller's cleanup runs.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import signal
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import anyio
+import anyio.lowlevel
 from mcp import Client, types
 from mcp.client.session import ClientRequestContext, IncomingMessage, MessageHandlerFnT
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel import NotificationOptions, Server
 from mcp.server.session import ServerSession
+from mcp.server.transport_security import TransportSecuritySettings
 from mcp.shared.exceptions import MCPError
 
 from localsample import __version__
 from localsample.approval import ElicitationApprover
 from localsample.client import ServerSpec, connect_error, first_cause, make_client, mcp_error_kind
-from localsample.errors import INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, ServerSpecError
+from localsample.downstream import Downstream, all_pages, headline, merged
+from localsample.errors import (
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    ServerError,
+    ServerSpecError,
+)
+from localsample.listen import host_lines, serve_app
 from localsample.runtime import Runtime
 from localsample.sampling import SamplingHandler
 
@@ -39,50 +59,23 @@ log = logging.getLogger(__name__)
 SEPARATOR = "__"
 REAP_INTERVAL = 5.0
 """Seconds between checks for idle models whose keep-alive has run out."""
+CONNECT_GRACE = 2.0
+"""Seconds past ``connect_timeout`` after which a connection attempt is abandoned here,
+should the client's own timeout not have ended it."""
+NOTIFY_TIMEOUT = 5.0
+"""Seconds a notification to the host may wait for the host's stream."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 Ctx = ServerRequestContext[Any, Any]
 T = TypeVar("T")
 
 
-class Downstream:
-    """One downstream server and its live client (None once it is gone)."""
-
-    def __init__(self, spec: ServerSpec) -> None:
-        self.spec = spec
-        self.client: Client | None = None
-        self.gone: str | None = None
-        self.stop = anyio.Event()
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    def require(self) -> Client:
-        if self.client is None:
-            raise MCPError(
-                INTERNAL_ERROR,
-                f"downstream server '{self.name}' is not available ({self.gone or 'not connected'}); "
-                "fix: check its output above, then restart localsample serve",
-            )
-        return self.client
-
-
-async def all_pages(fetch: Callable[[str | None], Awaitable[Any]], items: str) -> list[Any]:
-    """Every item of a paginated list (bounded, so a broken paginator cannot hang us)."""
-    found: list[Any] = []
-    cursor: str | None = None
-    for _ in range(100):
-        page = await fetch(cursor)
-        found.extend(getattr(page, items))
-        cursor = page.next_cursor
-        if not cursor:
-            break
-    return found
-
-
 class Proxy:
-    """The upstream server; ``run_stdio`` / ``run_http`` serve it until the host leaves."""
+    """The upstream server; ``run_stdio`` / ``run_http`` serve it until the host leaves,
+    or until SIGTERM or SIGINT (``stopped_by`` then says which)."""
 
-    def __init__(self, runtime: Runtime, specs: Sequence[ServerSpec]) -> None:
+    def __init__(self, runtime: Runtime, specs: Sequence[ServerSpec], *, connect_timeout: float | None = None) -> None:
+        """``connect_timeout``: seconds each downstream server has to connect (default: the
+        ``connect_timeout`` setting)."""
         if not specs:
             raise ServerSpecError("serve needs at least one --server", 'add --server "python my_server.py"')
         names = [s.name for s in specs]
@@ -93,8 +86,10 @@ class Proxy:
                 "name each one: --server NAME=COMMAND",
             )
         self.runtime = runtime
+        self.connect_timeout = runtime.settings.connect_timeout if connect_timeout is None else connect_timeout
         self.downstreams = [Downstream(spec) for spec in specs]
         self.host: ServerSession | None = None
+        self.stopped_by: signal.Signals | None = None
         self.tools: dict[str, tuple[Downstream, str]] = {}
         self.prompts: dict[str, tuple[Downstream, str]] = {}
         self.resources: dict[str, Downstream] = {}
@@ -114,10 +109,21 @@ class Proxy:
             on_set_logging_level=self.set_logging_level,
         )
 
+    @property
+    def exit_status(self) -> int:
+        """What the process should exit with: 130 (128 + SIGINT) after an interrupt, as
+        shells report one; else 0 (SIGTERM asks for a clean stop, and got one)."""
+        return 128 + signal.SIGINT if self.stopped_by == signal.SIGINT else 0
+
     # -- downstream connections ----------------------------------------------------------
 
-    async def _hold(self, down: Downstream, *, task_status: anyio.abc.TaskStatus[None]) -> None:
-        """Keep one downstream connection open until shutdown; record why it ended."""
+    async def _hold(self, down: Downstream) -> None:
+        """Connect to one downstream server and keep the connection until it ends.
+
+        Connecting is bounded (``connect_timeout``); a failure to connect is recorded in
+        ``down.failure``, never raised, so that it cannot stop the other servers. A
+        connection lost later is reported once (``_lost``).
+        """
         sampling = SamplingHandler(self.runtime, server=down.name, ask=ElicitationApprover(lambda: self.host))
         client = make_client(
             down.spec,
@@ -126,48 +132,119 @@ class Proxy:
             list_roots=self._list_roots,
             logging_callback=self._forward_log,
             message_handler=self._forward_notification(down),
+            connect_timeout=self.connect_timeout,
         )
-        started = False
         try:
-            async with client:
-                down.client = client
-                started = True
-                task_status.started()
-                log.info("connected to %s (%s, protocol %s)", down.name, down.spec.describe(), client.protocol_version)
-                await down.stop.wait()
-        except Exception as exc:
-            error = connect_error(down.spec, first_cause(exc))
-            down.gone = error.problem
-            if not started:
-                raise error from exc
-            log.error("downstream server '%s' is gone: %s", down.name, error.problem)
+            await self._connection(down, client)
         finally:
+            if down.failure is not None:
+                down.end(headline(down.failure.problem))
             down.client = None
-            down.gone = down.gone or "it was shut down"
+            down.settled.set()
+
+    async def _connection(self, down: Downstream, client: Client) -> None:
+        # The client bounds its own connect; this deadline is a backstop for the case it does not.
+        with anyio.CancelScope(deadline=anyio.current_time() + self.connect_timeout + CONNECT_GRACE) as connecting:
+            try:
+                async with client:
+                    connecting.deadline = math.inf
+                    down.connected(client)
+                    log.info(
+                        "connected to %s (%s, protocol %s)", down.name, down.spec.describe(), client.protocol_version
+                    )
+                    await down.stop.wait()
+            except Exception as exc:
+                error = connect_error(down.spec, first_cause(exc))
+                if down.client is None:
+                    down.failure = error
+                else:
+                    await self._lost(down, headline(error.problem))
+        if connecting.cancelled_caught and down.client is None:
+            down.failure = ServerError(
+                f"server '{down.name}' ({down.spec.describe()}) did not finish connecting within "
+                f"{self.connect_timeout:g} s",
+                "run the server command by itself to check that it starts and talks MCP on stdio",
+            )
+
+    async def _lost(self, down: Downstream, reason: str) -> None:
+        """A connected server went away: stop using it, say so once, and tell the host
+        that the lists the server contributed to have changed."""
+        if not down.end(reason):
+            return
+        log.error("downstream server '%s' is gone: %s", down.name, reason)
+        host = self.host
+        if host is None:
+            return
+        changes = {
+            "tools": host.send_tool_list_changed,
+            "prompts": host.send_prompt_list_changed,
+            "resources": host.send_resource_list_changed,
+        }
+        for capability, send in changes.items():
+            if down.offers(capability):
+                try:
+                    with anyio.fail_after(NOTIFY_TIMEOUT):
+                        await send()
+                except Exception as exc:
+                    log.debug("%s list_changed not sent to the host: %s", capability, exc)
+
+    async def _connect_all(self) -> None:
+        """Wait until each downstream server has connected or failed to (each attempt is
+        bounded); log one line per failure; fail only if none connected."""
+        for down in self.downstreams:
+            await down.settled.wait()
+        failures = [d.failure for d in self.downstreams if d.failure is not None]
+        if len(failures) == len(self.downstreams):
+            if len(failures) == 1:
+                raise failures[0]
+            raise ServerError(
+                "no downstream server could be started: " + "; ".join(f.problem for f in failures),
+                "run each server command by itself to see its own error output",
+            )
+        for failure in failures:
+            fix = f" (fix: {failure.fix})" if failure.fix else ""
+            log.error("%s; serving the other servers without it%s", headline(failure.problem), fix)
 
     async def serve(self, run_host: Callable[[], Awaitable[None]]) -> None:
-        """Preload models, connect every downstream server, serve the host, then stop."""
-        self.runtime.publishing = True
-        background = anyio.CancelScope()  # preload and keep-alive: stopped when the host leaves
+        """Preload models, connect the downstream servers, serve the host, then stop.
 
-        async def housekeeping() -> None:
-            with background:
-                async with anyio.create_task_group() as tasks:
-                    tasks.start_soon(self._preload)
-                    tasks.start_soon(self._reap_forever)
+        Returns when the host leaves, or on SIGTERM / SIGINT: then every task is cancelled
+        (generation stops, requests in flight are cancelled and audited as such, the
+        downstream servers are closed) before this returns.
+        """
+        self.runtime.publishing = True
+        background = anyio.CancelScope()  # preload, keep-alive, signals: stopped when the host leaves
 
         async with anyio.create_task_group() as group:
-            group.start_soon(housekeeping)
+            group.start_soon(self._background, background, group.cancel_scope)
             for down in self.downstreams:
-                await group.start(self._hold, down)
-            if len(self.downstreams) == 1 and self.downstreams[0].client is not None:
-                self.server.instructions = self.downstreams[0].client.instructions
+                group.start_soon(self._hold, down)
             try:
+                await self._connect_all()
+                if len(self.downstreams) == 1 and self.downstreams[0].client is not None:
+                    self.server.instructions = self.downstreams[0].client.instructions
                 await run_host()
             finally:
                 for down in self.downstreams:
-                    down.stop.set()
+                    down.end("localsample serve is stopping")
                 background.cancel()
+
+    async def _background(self, scope: anyio.CancelScope, everything: anyio.CancelScope) -> None:
+        with scope:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(self._preload)
+                tasks.start_soon(self._reap_forever)
+                tasks.start_soon(self._stop_on_signal, everything)
+
+    async def _stop_on_signal(self, everything: anyio.CancelScope) -> None:
+        """On SIGTERM or SIGINT, cancel ``everything`` (a second signal, during the
+        cleanup, gets the default behaviour)."""
+        with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
+            async for received in signals:
+                self.stopped_by = received
+                log.info("%s received: cancelling requests in flight and stopping", received.name)
+                everything.cancel()
+                return
 
     async def _preload(self) -> None:
         try:
@@ -188,18 +265,31 @@ class Proxy:
         from mcp.server.stdio import stdio_server
 
         async def host() -> None:
-            async with stdio_server() as (read, write):
+            # stdio_server only iterates over stdin's lines; see host_lines for why not its own reader.
+            stdin = cast("anyio.AsyncFile[str]", host_lines())
+            async with stdio_server(stdin=stdin) as (read, write):
                 await self.server.run(read, write, self.init_options())
 
         await self.serve(host)
 
-    async def run_http(self, host: str, port: int) -> None:
-        import uvicorn
-
-        app = self.server.streamable_http_app(host=host)
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
-        log.info("serving MCP over Streamable HTTP at http://%s:%d/mcp", host, port)
-        await self.serve(uvicorn.Server(config).serve)
+    async def run_http(
+        self,
+        host: str,
+        port: int,
+        *,
+        token: str | None = None,
+        allow_remote: bool = False,
+        extra_hosts: Sequence[str] = (),
+    ) -> None:
+        """Serve the host over Streamable HTTP at ``/mcp``, behind listen.py's checks (bind
+        address, bearer token, Host and Origin on every request)."""
+        # listen.Guard checks Host and Origin on every bind; the SDK's own check (loopback
+        # binds only) would refuse the --allow-host names, so it is off.
+        security = TransportSecuritySettings(enable_dns_rebinding_protection=False)
+        app = self.server.streamable_http_app(transport_security=security)
+        await self.serve(
+            lambda: serve_app(app, host, port, token=token, allow_remote=allow_remote, extra_hosts=extra_hosts)
+        )
 
     # -- calls from the host -------------------------------------------------------------
 
@@ -207,7 +297,8 @@ class Proxy:
         self.host = ctx.session
 
     async def _forward(self, down: Downstream, call: Callable[[Client], Awaitable[T]]) -> T:
-        """Run one forwarded request; a dead downstream becomes a clear error, not a hang."""
+        """Run one forwarded request; a dead downstream becomes a clear error, not a hang
+        (and the first such error drops the server, see ``_lost``)."""
         client = down.require()
         try:
             return await call(client)
@@ -217,7 +308,7 @@ class Proxy:
             cause: BaseException = exc
         except (anyio.ClosedResourceError, anyio.BrokenResourceError) as exc:
             cause = exc
-        down.gone = down.gone or "it closed the connection"
+        await self._lost(down, "it closed the connection")
         raise MCPError(
             INTERNAL_ERROR,
             f"downstream server '{down.name}' closed the connection (it exited or crashed; its own "
@@ -229,13 +320,36 @@ class Proxy:
         return await self._forward(down, lambda c: all_pages(lambda cursor: getattr(c, method)(cursor=cursor), items))
 
     def _live(self) -> list[Downstream]:
-        return [d for d in self.downstreams if d.client is not None]
+        return [d for d in self.downstreams if d.alive]
+
+    async def _gather(self, capability: str, method: str, items: str) -> list[tuple[Downstream, Any]]:
+        """One list method's items from every live server that declares ``capability``.
+
+        A server that fails is left out (a server that went away is dropped for good);
+        its error reaches the host only when no server answered.
+        """
+        listed: list[tuple[Downstream, Any]] = []
+        errors: list[MCPError] = []
+        answered = False
+        for down in self._live():
+            if not down.offers(capability):
+                continue
+            try:
+                found = await self._pages(down, method, items)
+            except MCPError as exc:
+                if down.alive:  # (a server that went away has had its log line)
+                    log.warning("%s: %s failed: %s", down.name, method, exc)
+                errors.append(exc)
+                continue
+            answered = True
+            listed.extend((down, item) for item in found)
+        if errors and not answered:
+            raise errors[0]
+        return listed
 
     async def _named(self, kind: str) -> dict[str, tuple[Downstream, Any]]:
         """Tools or prompts of every server, colliding names prefixed with the server name."""
-        listed: list[tuple[Downstream, Any]] = []
-        for down in self._live():
-            listed.extend((down, item) for item in await self._pages(down, f"list_{kind}", kind))
+        listed = await self._gather(kind, f"list_{kind}", kind)
         counts: dict[str, int] = {}
         for _, item in listed:
             counts[item.name] = counts.get(item.name, 0) + 1
@@ -248,7 +362,7 @@ class Proxy:
     async def list_tools(self, ctx: Ctx, params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
         self._seen(ctx)
         exposed = await self._named("tools")
-        self.tools = {name: (down, tool.name) for name, (down, tool) in exposed.items()}
+        self.tools = merged(self.tools, {name: (down, tool.name) for name, (down, tool) in exposed.items()})
         return types.ListToolsResult(tools=[tool.model_copy(update={"name": n}) for n, (_, tool) in exposed.items()])
 
     async def call_tool(self, ctx: Ctx, params: types.CallToolRequestParams) -> types.CallToolResult:
@@ -273,7 +387,7 @@ class Proxy:
     async def list_prompts(self, ctx: Ctx, params: types.PaginatedRequestParams | None) -> types.ListPromptsResult:
         self._seen(ctx)
         exposed = await self._named("prompts")
-        self.prompts = {name: (down, prompt.name) for name, (down, prompt) in exposed.items()}
+        self.prompts = merged(self.prompts, {name: (down, prompt.name) for name, (down, prompt) in exposed.items()})
         return types.ListPromptsResult(
             prompts=[prompt.model_copy(update={"name": n}) for n, (_, prompt) in exposed.items()]
         )
@@ -291,28 +405,26 @@ class Proxy:
     async def list_resources(self, ctx: Ctx, params: types.PaginatedRequestParams | None) -> types.ListResourcesResult:
         self._seen(ctx)
         found: list[types.Resource] = []
-        for down in self._live():
-            for resource in await self._pages(down, "list_resources", "resources"):
-                self.resources.setdefault(str(resource.uri), down)
-                found.append(resource)
+        for down, resource in await self._gather("resources", "list_resources", "resources"):
+            uri = str(resource.uri)
+            owner = self.resources.get(uri)
+            if owner is None or not owner.alive:
+                self.resources[uri] = down
+            found.append(resource)
         return types.ListResourcesResult(resources=found)
 
     async def list_resource_templates(
         self, ctx: Ctx, params: types.PaginatedRequestParams | None
     ) -> types.ListResourceTemplatesResult:
         self._seen(ctx)
-        found: list[types.ResourceTemplate] = []
-        for down in self._live():
-            found += await self._pages(down, "list_resource_templates", "resource_templates")
-        return types.ListResourceTemplatesResult(resource_templates=found)
+        listed = await self._gather("resources", "list_resource_templates", "resource_templates")
+        return types.ListResourceTemplatesResult(resource_templates=[template for _, template in listed])
 
     async def read_resource(self, ctx: Ctx, params: types.ReadResourceRequestParams) -> types.ReadResourceResult:
         self._seen(ctx)
         uri = str(params.uri)
-        owner = self.resources.get(uri)
-        candidates = [owner] if owner is not None else self._live()
         last: MCPError | None = None
-        for down in candidates:
+        for down in self._owners(uri):
             try:
                 return await self._forward(down, lambda c: c.read_resource(uri))
             except MCPError as exc:
@@ -332,8 +444,10 @@ class Proxy:
         return types.EmptyResult()
 
     def _owners(self, uri: str) -> list[Downstream]:
+        """The server that listed ``uri``; else (or once it is gone) every live server."""
         owner = self.resources.get(uri)
-        return [owner] if owner is not None else self._live()
+        live = self._live()
+        return [owner] if owner is not None and (owner.alive or not live) else live
 
     async def complete(self, ctx: Ctx, params: types.CompleteRequestParams) -> types.CompleteResult:
         self._seen(ctx)

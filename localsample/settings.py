@@ -127,6 +127,9 @@ class Settings(BaseSettings):
     queue_limit: int = Field(
         16, ge=1, description="requests waiting for one model beyond which new ones get 'busy, retry later'"
     )
+    connect_timeout: float = Field(
+        30.0, gt=0, description="seconds a downstream MCP server may take to start and answer its handshake"
+    )
     queue_timeout: float = Field(
         60.0, gt=0, description="seconds a request may wait for a free slot before it gets 'busy, retry later'"
     )

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import anyio
+import httpx2
 import pytest
 from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
 
-from localsample.client import ServerSpec, parse_tool_args
+from localsample.client import ServerSpec, check_tool_args, first_cause, parse_tool_args
 from localsample.errors import ServerError, ServerSpecError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,6 +75,36 @@ def test_unknown_tool_lists_the_tools(model_dir: Path) -> None:
     assert "no tool 'nope'" in proc.stderr and "echo" in proc.stderr and "write" in proc.stderr
 
 
+def test_a_misspelt_or_missing_argument_is_refused_before_the_call(model_dir: Path) -> None:
+    proc = localsample("call", "--server", SERVER, "echo", "--arg", "nme=x")
+    assert proc.returncode == 1
+    assert "no argument 'nme'" in proc.stderr and "missing required 'text'" in proc.stderr
+    assert "text (required), times" in proc.stderr and "fix:" in proc.stderr
+
+
+def test_arguments_are_checked_against_the_schema() -> None:
+    schema = {"type": "object", "properties": {"name": {}, "count": {}}, "required": ["name"]}
+    check_tool_args("t", {"name": "x", "count": 2}, schema)
+    with pytest.raises(ServerError) as caught:
+        check_tool_args("t", {"nme": "x"}, schema)
+    assert "no argument 'nme' (did you mean 'name'?)" in caught.value.problem
+    assert "missing required 'name'" in caught.value.problem
+    assert "its arguments: count, name (required)" in caught.value.problem and caught.value.fix
+    with pytest.raises(ServerError, match="missing required 'name'"):
+        check_tool_args("t", {"count": 1}, schema | {"additionalProperties": True})
+    open_schemas: list[dict[str, Any] | None] = [
+        schema | {"additionalProperties": True},
+        schema | {"additionalProperties": {"type": "string"}},
+        schema | {"patternProperties": {"^x": {}}},
+        {"type": "object"},
+        None,
+    ]
+    for open_schema in open_schemas:
+        check_tool_args("t", {"name": "x", "extra": 1}, open_schema)  # extra names allowed
+    with pytest.raises(ServerError, match="no argument 'extra'"):
+        check_tool_args("t", {"name": "x", "extra": 1}, schema | {"additionalProperties": False})
+
+
 def test_a_tool_error_exits_non_zero_with_the_reason(model_dir: Path) -> None:
     proc = localsample("call", "--server", SERVER, "echo", "--arg", "text=x", "--arg", "times=many")
     assert proc.returncode == 1
@@ -124,6 +159,7 @@ def test_serve_listen_serves_streamable_http(model_dir: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=ROOT,
+        env=os.environ | {"LOCALSAMPLE_TOKEN": "test-token"},
     )
     try:
 
@@ -136,7 +172,16 @@ def test_serve_listen_serves_streamable_http(model_dir: Path) -> None:
                         break
                     except OSError:
                         await anyio.sleep(0.2)
-                async with Client(url) as client:
+                with pytest.raises(BaseException) as refused:  # no token: refused
+                    async with Client(url) as client:
+                        await client.list_tools()
+                cause = first_cause(refused.value)
+                assert isinstance(cause, MCPError) and "bearer token" in str(cause)
+                headers = {"Authorization": "Bearer test-token"}
+                async with (
+                    httpx2.AsyncClient(headers=headers, timeout=60) as http,
+                    Client(streamable_http_client(url, http_client=http)) as client,
+                ):
                     result = await client.call_tool("write", {"topic": "owls", "max_tokens": 6})
             return result.content[0].text  # type: ignore[union-attr]
 
@@ -145,3 +190,14 @@ def test_serve_listen_serves_streamable_http(model_dir: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_serve_refuses_a_non_loopback_listen_without_allow_remote() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "localsample", "serve", "--server", SERVER, "--listen", "0.0.0.0:8765"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert "0.0.0.0" in proc.stderr and "--allow-remote" in proc.stderr and "--token" in proc.stderr
