@@ -2,12 +2,16 @@
 
     python scripts/bench.py [--model ID] [--tokens N] [--rounds R]
 
-1. One request, three ways: decode tokens/s and time to first token (TTFT) of
-     raw      llama-cpp-python `create_chat_completion(stream=True)`, the GGUF's template
-     engine   localsample's Engine.generate (own llama thread -> asyncio, stop matching)
-     e2e      an MCP server (scripts/bench_server.py) pushes the request over stdio with a
-              progress token; localsample answers it; the server times the first progress
-              notification (TTFT) and the tokens after it up to the result (decode rate)
+1. One request, five ways: decode tokens/s, time to first token (TTFT) and whole-request
+   time of
+     raw defaults   llama-cpp-python `create_chat_completion(stream=True)` as a user runs it
+                    (its own defaults: flash attention off): the baseline of every ratio
+     raw fa on      the same with flash attention on
+     engine         localsample's Engine.generate with the catalog's settings
+     engine fa on   the same with flash attention forced on
+     e2e            an MCP server (scripts/bench_server.py) pushes the request over stdio with a
+                    progress token; localsample answers it; the server times the first progress
+                    notification (TTFT) and the tokens after it up to the result (decode rate)
    Every side evaluates the whole prompt each round (no cache) and decodes greedily to
    exactly N tokens.
 2. The latency localsample and MCP add per request: 4-token requests end to end vs the
@@ -15,6 +19,7 @@
 3. 1, 2, 4, 8 requests at once vs one after another: aggregate tokens/s, p50/p95 latency.
 4. Time to first token with a ~1000-token system prompt: cold vs already evaluated.
 5. Resident memory with the model loaded.
+Decode under contention (other processes on the cores) is scripts/bench_contention.py.
 Each side runs in a process of its own and rounds alternate, so drift hits all alike.
 Medians over R rounds. All load the model with the catalog's settings.
 
