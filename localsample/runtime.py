@@ -20,7 +20,7 @@ from typing import TypeVar
 
 import anyio
 
-from localsample.audit import AuditLog, AuditRecord
+from localsample.audit import AuditDecision, AuditLog, AuditRecord
 from localsample.catalog import Catalog, load_catalog
 from localsample.errors import (
     BusyError,
@@ -56,6 +56,17 @@ class Answer:
 
     completion: Completion
     reason: str
+
+
+def decision_of(error: LocalsampleError) -> AuditDecision:
+    """The audit decision a request that failed with ``error`` gets."""
+    if isinstance(error, BusyError):
+        return "busy"
+    if isinstance(error, RejectedError):
+        return "rejected"
+    if isinstance(error, ModelFileError):
+        return "load_failed"
+    return "error"
 
 
 def needs_of(request: GenerationRequest) -> Needs:
@@ -168,17 +179,8 @@ class Runtime:
             answer = await self._answer(request, origin, prefs or Preferences(), model, ask, on_text, record)
             record.decision = record.decision or "approved"
             return answer
-        except BusyError as exc:
-            record.decision, record.error = "busy", exc.one_line()
-            raise
-        except RejectedError as exc:
-            record.decision, record.error = "rejected", exc.one_line()
-            raise
-        except ModelFileError as exc:
-            record.decision, record.error = "load_failed", exc.one_line()
-            raise
         except LocalsampleError as exc:
-            record.decision, record.error = "error", exc.one_line()
+            record.decision, record.error = decision_of(exc), exc.one_line()
             raise
         except anyio.get_cancelled_exc_class():
             record.decision = "cancelled"

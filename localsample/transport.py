@@ -146,7 +146,24 @@ def write_all(fd: int, data: bytes) -> None:
             view = view[os.write(fd, view) :]
 
 
-class StdioTransport(AbstractAsyncContextManager[TransportStreams]):
+class Transport(AbstractAsyncContextManager[TransportStreams]):
+    """A transport the SDK's Client enters: ``open()`` yields its streams."""
+
+    context: AbstractAsyncContextManager[TransportStreams] | None = None
+
+    def open(self) -> AbstractAsyncContextManager[TransportStreams]:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> TransportStreams:
+        self.context = self.open()
+        return await self.context.__aenter__()
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        assert self.context is not None, "the transport was not entered"
+        return await self.context.__aexit__(*exc_info)
+
+
+class StdioTransport(Transport):
     """Runs a server over stdio, checking every line it writes (see the module docstring).
 
     Used as the ``server`` of an ``mcp.Client`` (any async context manager yielding the two
@@ -159,15 +176,6 @@ class StdioTransport(AbstractAsyncContextManager[TransportStreams]):
         self.watch = ConnectWatch(connect_timeout)
         self.stderr = StderrTail()
         self.returncode: int | None = None
-        self.context: AbstractAsyncContextManager[TransportStreams] | None = None
-
-    async def __aenter__(self) -> TransportStreams:
-        self.context = self.open()
-        return await self.context.__aenter__()
-
-    async def __aexit__(self, *exc_info: Any) -> bool | None:
-        assert self.context is not None, "the transport was not entered"
-        return await self.context.__aexit__(*exc_info)
 
     def stderr_tail(self) -> list[str]:
         return self.stderr.tail()
@@ -320,7 +328,7 @@ async def wait_exit(process: anyio.abc.Process, timeout: float) -> bool:
     return process.returncode is not None
 
 
-class GuardedTransport(AbstractAsyncContextManager[TransportStreams]):
+class GuardedTransport(Transport):
     """Another SDK transport (Streamable HTTP) with a bounded connect.
 
     Items pass through one relay task; an error the SDK puts in the stream (a message it
@@ -333,15 +341,6 @@ class GuardedTransport(AbstractAsyncContextManager[TransportStreams]):
         self.inner = inner
         self.name = name
         self.watch = ConnectWatch(connect_timeout)
-        self.context: AbstractAsyncContextManager[TransportStreams] | None = None
-
-    async def __aenter__(self) -> TransportStreams:
-        self.context = self.open()
-        return await self.context.__aenter__()
-
-    async def __aexit__(self, *exc_info: Any) -> bool | None:
-        assert self.context is not None, "the transport was not entered"
-        return await self.context.__aexit__(*exc_info)
 
     def stderr_tail(self) -> list[str]:
         return []
