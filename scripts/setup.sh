@@ -25,7 +25,7 @@ install() {
         echo "setup: installing llama-cpp-python (compiles llama.cpp: ~10 minutes on 2 cores, once)" >&2
         # pip's own progress: downloads, then the wheel build with its elapsed time.
         .venv/bin/python -m pip install -e ".[test]" 2>&1 |
-            { grep -v -e '^Requirement already satisfied' -e '^WARNING: Location' >&2 || true; }
+            { grep --line-buffered -v -e '^Requirement already satisfied' -e '^WARNING: Location' >&2 || true; }
     fi
 }
 [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] || install
