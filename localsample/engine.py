@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import io
 import logging
 import threading
@@ -194,8 +195,8 @@ class Engine:
             settings=ContextSettings.from_load(self.model.load.llama_kwargs()),
             slots=self.slots,
             executor=self._thread,
-            tokenize=lambda request: self._prompt_tokens(llama, request),
-            piece=lambda token: self._piece(llama, token),
+            tokenize=functools.partial(self._prompt_tokens, llama),
+            piece=functools.partial(self._piece, llama),  # per token: no extra Python frame
         )
         log.info("loaded %s from %s in %.2fs", self.model.id, self.path, time.perf_counter() - started)
         return llama
