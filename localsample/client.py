@@ -20,12 +20,12 @@ from urllib.parse import urlsplit
 
 from mcp import Client, StdioServerParameters, types
 from mcp.client.session import ElicitationFnT, ListRootsFnT, LoggingFnT, MessageHandlerFnT, SamplingFnT
-from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
 from localsample import __version__
 from localsample.errors import INVALID_REQUEST, ServerError, ServerSpecError, is_connection_closed
 from localsample.transport import GuardedTransport, StdioTransport
+from localsample.transport_http import HttpTransport
 
 PROTOCOLS = ("auto", "legacy", "2026-07-28")
 """``auto``: 2026-07-28 where the server offers it, else the initialize handshake;
@@ -175,13 +175,13 @@ def make_client(
     In ``auto`` mode the client speaks 2026-07-28 to servers that offer it and falls back
     to the initialize handshake otherwise; sampling reaches ``sampling`` either way.
     Entering it raises ``ServerError`` if the server has not connected after
-    ``connect_timeout`` seconds. Malformed JSON-RPC from a stdio server is answered with
-    a JSON-RPC error and logged, and does not end the connection.
+    ``connect_timeout`` seconds. Malformed JSON-RPC from a server (stdio or HTTP) is
+    answered with a JSON-RPC error and logged, and does not end the connection.
     """
     target = spec.target()
     transport: StdioTransport | GuardedTransport
     if isinstance(target, str):
-        transport = GuardedTransport(streamable_http_client(target), name=spec.name, connect_timeout=connect_timeout)
+        transport = HttpTransport(target, name=spec.name, connect_timeout=connect_timeout)
     else:
         transport = StdioTransport(target, name=spec.name, connect_timeout=connect_timeout)
     return ServerClient(

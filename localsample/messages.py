@@ -4,7 +4,7 @@
 parsed exactly as the SDK parses it (and costs about the same); a malformed one becomes a
 :class:`Malformed` that says which JSON-RPC 2.0 error answers it (-32700 parse error,
 -32600 invalid request, -32602 for a lone UTF-16 surrogate in ``params``) and with which
-id. The transports (transport.py) decide what to do with it.
+id. The transports (transport.py, transport_http.py) decide what to do with it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,13 @@ from typing import Any, Literal
 
 import pydantic_core
 from mcp.shared.message import SessionMessage
-from mcp_types import ErrorData, JSONRPCError, JSONRPCNotification, RequestId, jsonrpc_message_adapter
+from mcp_types import (
+    ErrorData,
+    JSONRPCError,
+    JSONRPCNotification,
+    RequestId,
+    jsonrpc_message_adapter,
+)
 from pydantic import ValidationError
 
 from localsample.errors import INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR
@@ -45,6 +51,19 @@ class Malformed:
         """The JSON-RPC error answering this message."""
         error = ErrorData(code=self.code, message=f"malformed message: {self.reason}")
         return SessionMessage(JSONRPCError(jsonrpc="2.0", id=self.ident, error=error))
+
+    def failure(self, server: str) -> SessionMessage:
+        """For a malformed response: the error that fails the pending request ``ident``."""
+        error = ErrorData(code=self.code, message=f"server '{server}' sent a malformed response: {self.reason}")
+        return SessionMessage(JSONRPCError(jsonrpc="2.0", id=self.ident, error=error))
+
+    def log_line(self, server: str) -> str:
+        """The one line logged for this message from ``server``: what it was and what we did."""
+        if self.kind == "request":
+            return f"server '{server}' sent a malformed request ({self.reason}); answered {self.code}"
+        if self.kind == "response" and self.ident is not None:
+            return f"server '{server}' sent a malformed response to request {self.ident!r} ({self.reason})"
+        return f"server '{server}' sent a malformed {self.kind} ({self.reason}); ignored it"
 
 
 def read_message(line: bytes) -> SessionMessage | Malformed:

@@ -13,7 +13,8 @@ malformed request is answered at once, as JSON-RPC 2.0 says:
 
 Each malformed message costs one log line that names the server, and the connection stays
 open. A malformed *response* fails the request it answers (when its id can be read), so
-the caller sees an error instead of waiting.
+the caller sees an error instead of waiting. Streamable HTTP servers get the same
+checks and answers (``transport_http.py``, built on :class:`GuardedTransport`).
 
 Both transports also bound the connect (``connect_timeout``: a server that never answers
 ``initialize`` or ``server/discover`` closes the connection instead of hanging it), and
@@ -44,7 +45,6 @@ from mcp.client.stdio import (
 )
 from mcp.os.posix.utilities import terminate_posix_process_tree
 from mcp.shared.message import SessionMessage
-from mcp_types import ErrorData, JSONRPCError
 
 from localsample.messages import read_message
 
@@ -259,22 +259,10 @@ class StdioTransport(Transport):
         if isinstance(verdict, SessionMessage):
             await to_session.send(verdict)
             return
-        if verdict.kind == "notification":
-            log.warning("server '%s' sent a malformed notification (%s); ignored it", self.name, verdict.reason)
-        elif verdict.kind == "response":
-            if verdict.ident is None:
-                log.warning("server '%s' sent a malformed response (%s); ignored it", self.name, verdict.reason)
-                return
-            log.warning(
-                "server '%s' sent a malformed response to request %r (%s)", self.name, verdict.ident, verdict.reason
-            )
-            message = f"server '{self.name}' sent a malformed response: {verdict.reason}"
-            error = ErrorData(code=verdict.code, message=message)
-            await to_session.send(SessionMessage(JSONRPCError(jsonrpc="2.0", id=verdict.ident, error=error)))
-        else:
-            log.warning(
-                "server '%s' sent a malformed request (%s); answered %d", self.name, verdict.reason, verdict.code
-            )
+        log.warning(verdict.log_line(self.name))
+        if verdict.kind == "response" and verdict.ident is not None:
+            await to_session.send(verdict.failure(self.name))
+        elif verdict.kind == "request":
             with anyio.move_on_after(REPLY_TIMEOUT) as scope:
                 await replies.send(verdict.reply())
             if scope.cancelled_caught:
@@ -333,10 +321,15 @@ class GuardedTransport(Transport):
 
     Items pass through one relay task; an error the SDK puts in the stream (a message it
     could not parse; it logs its own details) becomes one log line naming the server.
+    Subclasses that build the inner transport themselves override :meth:`connect`.
     """
 
     def __init__(
-        self, inner: AbstractAsyncContextManager[Any], *, name: str, connect_timeout: float | None = None
+        self,
+        inner: AbstractAsyncContextManager[Any] | None,
+        *,
+        name: str,
+        connect_timeout: float | None = None,
     ) -> None:
         self.inner = inner
         self.name = name
@@ -345,9 +338,14 @@ class GuardedTransport(Transport):
     def stderr_tail(self) -> list[str]:
         return []
 
+    def connect(self) -> AbstractAsyncContextManager[Any]:
+        """The inner transport, entered once by :meth:`open`."""
+        assert self.inner is not None, "no inner transport"
+        return self.inner
+
     @asynccontextmanager
     async def open(self) -> AsyncIterator[TransportStreams]:
-        async with self.inner as (reads, writes):
+        async with self.connect() as (reads, writes):
             to_session, session_reads = anyio.create_memory_object_stream[SessionMessage | Exception](0)
             async with anyio.create_task_group() as group:
                 group.start_soon(self.relay, reads, to_session)

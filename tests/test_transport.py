@@ -23,6 +23,7 @@ from localsample.client import ServerClient, ServerSpec, call_tool, make_client
 from localsample.errors import INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR, ServerError
 from localsample.messages import Malformed, read_message
 from localsample.transport import GuardedTransport, StderrTail, TransportStreams
+from tests.servers.malformed_corpus import CASES
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVERS = ROOT / "tests" / "servers"
@@ -163,26 +164,14 @@ def test_every_malformed_request_is_answered_and_the_connection_lives_on(caplog:
 
     with caplog.at_level(logging.WARNING):
         report = anyio.run(probe)
-    expected = {
-        "params-list": (INVALID_REQUEST, "params-list"),
-        "params-string": (INVALID_REQUEST, "params-string"),
-        "lone-surrogate": (INVALID_PARAMS, "lone-surrogate"),
-        "deep": (PARSE_ERROR, None),
-        "id-object": (INVALID_REQUEST, None),
-        "id-list": (INVALID_REQUEST, None),
-        "id-bool": (INVALID_REQUEST, None),
-        "id-float": (INVALID_REQUEST, None),
-        "jsonrpc-1.0": (INVALID_REQUEST, "jsonrpc-1.0"),
-        "not-json": (PARSE_ERROR, None),
-    }
-    for case, (code, ident) in expected.items():
+    for case, (_, code, ident) in CASES.items():
         reply = report[case]["reply"]
         assert reply is not None, f"{case}: no reply"
         assert (reply["error"]["code"], reply["id"]) == (code, ident), case
         assert report[case]["seconds"] < 1.0, case
     assert report["good"]["reply"]["result"]["model"] == "stub-model"  # the connection still works
     warnings = [r for r in caplog.records if r.name == "localsample.transport"]
-    assert len(warnings) == len(expected)
+    assert len(warnings) == len(CASES)
     assert all("server 'malformed_server'" in r.getMessage() and "\n" not in r.getMessage() for r in warnings)
     assert not [r for r in caplog.records if r.exc_info], "no tracebacks in the log"
 

@@ -2,8 +2,8 @@
 
 No SDK: it writes raw lines on stdout. It answers the handshake (``server/discover`` with
 "method not found", then ``initialize``) and offers one tool, ``probe``. Calling ``probe``
-makes the server send each case of ``CASES`` as a server→client request, wait up to
-``REPLY_WAIT`` seconds for the client's reply, then send one well-formed
+makes the server send each case of ``malformed_corpus.CASES`` as a server→client request,
+wait up to ``REPLY_WAIT`` seconds for the client's reply, then send one well-formed
 ``sampling/createMessage``; the tool's result is a JSON report of every reply (or its
 absence) and of the sampling answer.
 """
@@ -15,30 +15,13 @@ import os
 import select
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: find the tests package
+from tests.servers.malformed_corpus import CASES, SAMPLING
+
 REPLY_WAIT = 5.0
-SAMPLING = {"messages": [{"role": "user", "content": {"type": "text", "text": "Hi."}}], "maxTokens": 5}
-SURROGATE = '{"messages":[{"role":"user","content":{"type":"text","text":"a\\ud800b"}}],"maxTokens":5}'
-DEEP = "[" * 10_000 + "]" * 10_000
-
-
-def request(ident: str, params: str, method: str = "sampling/createMessage", version: str = '"2.0"') -> str:
-    return f'{{"jsonrpc":{version},"id":{ident},"method":"{method}","params":{params}}}'
-
-
-CASES: dict[str, str] = {
-    "params-list": request('"params-list"', "[1, 2]"),
-    "params-string": request('"params-string"', '"hello"'),
-    "lone-surrogate": request('"lone-surrogate"', SURROGATE),
-    "deep": request('"deep"', f'{{"x":{DEEP}}}'),
-    "id-object": request('{"a": 1}', "{}", method="ping"),
-    "id-list": request("[1]", "{}", method="ping"),
-    "id-bool": request("true", "{}", method="ping"),
-    "id-float": request("1.5", "{}", method="ping"),
-    "jsonrpc-1.0": request('"jsonrpc-1.0"', "{}", method="ping", version='"1.0"'),
-    "not-json": "this is not json {",
-}
 
 buffer = b""
 
@@ -83,8 +66,8 @@ def reply_to(timeout: float) -> tuple[dict[str, Any] | None, float]:
 
 def probe() -> dict[str, Any]:
     report: dict[str, Any] = {}
-    for name, line in CASES.items():
-        send(line)
+    for name, case in CASES.items():
+        send(case.line)
         reply, took = reply_to(REPLY_WAIT)
         report[name] = {"reply": reply, "seconds": took}
     send({"jsonrpc": "2.0", "id": "good", "method": "sampling/createMessage", "params": SAMPLING})
