@@ -5,8 +5,9 @@ Each line is an ``AuditRecord``: ``time`` (UTC, ISO 8601), ``server``, ``request
 error) and ``by``
 (who decided), ``model`` and
 ``reason`` (why that model), ``prompt_tokens``, ``completion_tokens``,
-``time_to_first_token`` and ``duration`` (seconds), ``stop_reason`` and ``error``; with
-``audit_text = true`` also ``system``, ``messages`` and ``response``.
+``time_to_first_token`` and ``duration`` (seconds), ``stop_reason``, ``tools_called``
+(the names of the tools the model called, never their arguments) and ``error``; with
+``audit_text = true`` also ``system``, ``messages`` and ``response`` (with the calls).
 
 The file is created with mode 0600, in a 0700 directory. When a line would take it past ``audit_max_bytes`` it
 is rotated: ``audit.jsonl`` → ``audit.jsonl.1`` → … → ``audit.jsonl.N`` (``audit_backups``),
@@ -50,6 +51,7 @@ class AuditRecord:
     time_to_first_token: float | None = None
     duration: float | None = None
     stop_reason: str | None = None
+    tools_called: list[str] | None = None  # names only: arguments are text (audit_text)
     error: str | None = None
     # Only with audit_text = true:
     system: str | None = None

@@ -24,6 +24,14 @@ prompt chunk (never made, see MIN_PROMPT_EVAL), a prompt in one batch with other
 (never done), and llama.cpp's other attention kernels for prompt chunks of 64+ tokens
 and for a lone decode row over 512+ cells: a prompt read partly from the cache may
 continue differently from the same prompt evaluated cold.
+
+Constrained requests (tool calls, JSON answers: ``Job.constraint``) sample each token
+under a grammar (constrained.py) from their own row, so they batch with every other
+request. A constraint with a ``trigger`` starts inactive: the model writes freely and the trigger is
+watched for like a stop sequence; when it appears, the slot's cache is cut back to just
+before it and the rest is decoded under the grammar, which writes the trigger again.
+(llama.cpp's own lazy grammars abort the process when the token that completes the
+trigger carries text the grammar rejects.)
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from typing import Any
 
 import llama_cpp
 
+from localsample.constrained import GrammarSampler
 from localsample.errors import ContextOverflowError, EngineError, GenerationCancelled
 from localsample.generation import Completion, GenerationRequest, Job, StopMatcher, StopReason
 
@@ -56,6 +65,8 @@ Tokenize = Callable[[GenerationRequest], list[int]]
 """The prompt tokens of a request (its chat template applied): runs on the engine's thread."""
 Piece = Callable[[int], bytes]
 """The bytes of one token's text."""
+Encode = Callable[[str], list[int]]
+"""The tokens of a piece of text (special tokens spelled out are parsed as such)."""
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -121,6 +132,11 @@ class Active:
     count: int = 0
     next_token: int | None = None
     first_token_at: float | None = None
+    piece: Piece | None = None  # how this request's tokens are spelled
+    grammar: GrammarSampler | None = None
+    trigger: str | None = None  # while set, the grammar waits for this text to appear
+    text: str = ""  # all text decoded so far (kept while a trigger is watched)
+    marks: list[tuple[int, int]] = field(default_factory=list)  # (position, offset in text) per token
 
 
 @dataclass
@@ -150,11 +166,15 @@ class Batcher:
         executor: Executor,
         tokenize: Tokenize,
         piece: Piece,
+        special_piece: Piece,
+        encode: Encode,
     ) -> None:
         self.model_id = model_id
         self.executor = executor
         self.tokenize = tokenize
         self.piece = piece
+        self.special_piece = special_piece  # constrained requests: the text the grammar sees
+        self.encode = encode
         self.n_ctx = settings.n_ctx
         self.n_batch = max(settings.n_batch, slots)  # a step holds a row for every slot
         params = llama_cpp.llama_context_default_params()
@@ -351,6 +371,15 @@ class Batcher:
             if reuse:  # tag the source's cells for this sequence too: no copy, no compute
                 llama_cpp.llama_memory_seq_cp(self.memory, source.seq, slot.seq, 0, reuse)
         slot.tokens = prompt[:reuse]
+        constraint = job.constraint
+        trigger = constraint.trigger if constraint is not None else None
+        if constraint is None:
+            matcher = StopMatcher(job.request.stop)
+        elif trigger is not None:  # free text until the trigger, watched for like a stop sequence
+            matcher = StopMatcher([*job.request.stop, trigger])
+        else:  # a stop sequence inside the JSON would break it
+            matcher = StopMatcher(())
+        grammar = GrammarSampler(self.vocab, self.n_vocab, constraint.grammar) if constraint is not None else None
         job.admitted.set()
         slot.active = Active(
             job=job,
@@ -359,7 +388,10 @@ class Batcher:
             pending=prompt[reuse:],
             sampler=self._sampler(job),
             started=time.perf_counter(),
-            matcher=StopMatcher(job.request.stop),
+            matcher=matcher,
+            piece=self.piece if constraint is None else self.special_piece,
+            grammar=grammar,
+            trigger=trigger,
         )
 
     def _sampler(self, job: Job) -> llama_cpp.llama_sampler_p:
@@ -426,7 +458,11 @@ class Batcher:
         """Sample the next token of the slot's request from batch row ``index``."""
         active = slot.active
         assert active is not None
-        token = llama_cpp.llama_sampler_sample(active.sampler, self.ctx, index)
+        if active.grammar is not None and active.trigger is None:
+            assert self.ctx is not None
+            token = active.grammar.sample(active.sampler, self.ctx, index)
+        else:
+            token = llama_cpp.llama_sampler_sample(active.sampler, self.ctx, index)
         if active.first_token_at is None:
             active.first_token_at = time.perf_counter()
         request = active.job.request
@@ -434,10 +470,16 @@ class Batcher:
             return self._finish(slot, "endTurn")
         active.count += 1
         self.tokens_generated += 1
-        text, stop = active.matcher.feed(active.decoder.decode(self.piece(token)))
+        piece = active.decoder.decode((active.piece or self.piece)(token))
+        if active.trigger is not None:
+            active.marks.append((len(slot.tokens), len(active.text)))
+            active.text += piece
+        text, stop = active.matcher.feed(piece)
         if text:
             active.parts.append(text)
             active.job.emit(text, active.count)
+        if stop is not None and stop == active.trigger:
+            return self._constrain(slot)
         if stop is not None:
             return self._finish(slot, "stopSequence", stop)
         if active.count >= request.max_tokens:
@@ -445,6 +487,27 @@ class Batcher:
         if active.job.cancel.is_set():
             return self._finish(slot, error=GenerationCancelled())
         active.next_token = token
+
+    def _constrain(self, slot: Slot) -> None:
+        """The trigger appeared: cut the cache back to just before it and decode the rest
+        under the grammar (which writes the trigger again, now constrained)."""
+        active = slot.active
+        assert active is not None and active.trigger is not None
+        start = active.text.find(active.trigger)
+        position, offset = next((p, o) for p, o in reversed(active.marks) if o <= start)
+        del slot.tokens[position:]
+        pending = self.encode(active.text[offset:start])  # the text before the trigger in its token
+        if not pending:  # nothing to evaluate: evaluate the last token again, for fresh logits
+            pending = [slot.tokens.pop()]
+        llama_cpp.llama_memory_seq_rm(self.memory, slot.seq, len(slot.tokens), -1)
+        llama_cpp.llama_sampler_free(active.sampler)
+        active.sampler = self._sampler(active.job)  # its history held the tokens cut back
+        active.trigger = None
+        active.pending = pending
+        active.next_token = None
+        active.matcher = StopMatcher(())
+        active.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        active.text, active.marks = "", []
 
     def _finish(
         self, slot: Slot, reason: StopReason | None = None, stop: str | None = None, error: BaseException | None = None
@@ -454,6 +517,8 @@ class Batcher:
         slot.active = None
         slot.last_used = time.monotonic()
         llama_cpp.llama_sampler_free(active.sampler)
+        if active.grammar is not None:
+            active.grammar.close()
         if error is not None or reason is None:
             active.future.set_exception(error or GenerationCancelled())
             return

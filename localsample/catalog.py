@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from localsample.errors import CatalogError, ModelFileError, UnknownModelError
 from localsample.packaged import index_model_for
+from localsample.toolcalls import template_supports_tools
 
 if TYPE_CHECKING:
     from localsample.gguf_file import GGUFInfo
@@ -317,13 +318,17 @@ def new_entry_fields(
 ) -> dict[str, Any]:
     """The user-catalog fields of a model registered from a file (pulled or imported):
     family, description and context size from its GGUF header; ``origin`` ends the
-    description (e.g. ``pulled from ORG/REPO``)."""
+    description (e.g. ``pulled from ORG/REPO``). The ``tools`` capability is set when the
+    chat template writes tool calls in a family localsample knows (toolcalls.py)."""
+    capabilities = ["chat", "vision"] if mmproj else ["chat"]
+    if info.chat_template and template_supports_tools(info.chat_template):
+        capabilities.append("tools")
     fields: dict[str, Any] = {
         "id": model_id,
         "source": source,
         "family": info.architecture,
         "description": f"{info.name or model_id}, {info.quantization}, {origin}",
-        "capabilities": ["chat", "vision"] if mmproj else ["chat"],
+        "capabilities": capabilities,
         "load": {"n_ctx": min(info.context_length or 4096, NEW_ENTRY_MAX_CTX)},
     }
     if mmproj:

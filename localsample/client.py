@@ -188,6 +188,8 @@ def make_client(
         transport,
         spec=spec,
         sampling_callback=sampling,
+        # tools in sampling requests (2025-11-25); includeContext is answered as "none"
+        sampling_capabilities=types.SamplingCapability(tools=types.SamplingToolsCapability()),
         elicitation_callback=elicitation,
         list_roots_callback=list_roots,
         logging_callback=logging_callback,

@@ -61,6 +61,7 @@ __all__ = [
     "RequestError",
     "ServerError",
     "ServerSpecError",
+    "ToolCallError",
     "UnknownModelError",
     "UnsupportedContentError",
     "is_connection_closed",
@@ -154,6 +155,11 @@ class GenerationCancelled(LocalsampleError):
 
 class EngineError(LocalsampleError):
     """llama.cpp failed while loading or generating."""
+
+
+class ToolCallError(EngineError):
+    """The model's answer holds no complete, valid tool call (maxTokens ran out in it, or
+    its input breaks a schema keyword the grammar cannot enforce)."""
 
 
 class BusyError(EngineError):

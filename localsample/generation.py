@@ -9,23 +9,48 @@ same protocol), and every generator returns a ``Completion`` with an exact stop 
 from __future__ import annotations
 
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from localsample.errors import RequestError
 
-Role = Literal["system", "user", "assistant"]
-StopReason = Literal["endTurn", "stopSequence", "maxTokens"]
+Role = Literal["system", "user", "assistant", "tool"]
+StopReason = Literal["endTurn", "stopSequence", "maxTokens", "toolUse"]
+ToolChoice = Literal["auto", "required", "none"]
+"""``auto``: the model decides; ``required``: it must call a tool; ``none``: it must not."""
 
 OnText = Callable[[str, int], Awaitable[None]]
 """Called on the event loop with each new piece of text and the completion tokens so far."""
 
 
 @dataclass(frozen=True)
+class ToolSpec:
+    """A tool the model may call: its name, what it does, and a JSON schema of its input."""
+
+    name: str
+    description: str = ""
+    input_schema: Mapping[str, Any] = field(default_factory=lambda: {"type": "object"})
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A call the model made (or made earlier, in a conversation's history)."""
+
+    id: str
+    name: str
+    arguments: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
 class ChatMessage:
+    """One turn. An assistant turn may carry ``tool_calls``; a ``tool`` turn is the result
+    of the call ``tool_call_id`` (its text in ``content``)."""
+
     role: Role
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -42,6 +67,15 @@ class GenerationRequest:
     min_p: float | None = None
     repeat_penalty: float | None = None
     seed: int | None = None
+    tools: Sequence[ToolSpec] = ()
+    tool_choice: ToolChoice = "auto"
+    response_schema: Mapping[str, Any] | None = None
+    """A JSON schema the text answer must follow (when no tool is called)."""
+
+    @property
+    def offers_tools(self) -> bool:
+        """Whether the model may call a tool in its answer."""
+        return bool(self.tools) and self.tool_choice != "none"
 
     def __post_init__(self) -> None:
         if self.max_tokens <= 0:
@@ -62,6 +96,7 @@ class Completion:
     completion_tokens: int
     time_to_first_token: float
     duration: float
+    tool_calls: tuple[ToolCall, ...] = ()
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -119,6 +154,19 @@ class StopMatcher:
         return held
 
 
+@dataclass(frozen=True)
+class Constraint:
+    """Grammar-constrained decoding for one request (llama.cpp GBNF, root rule ``root``).
+
+    Without a ``trigger`` the grammar covers the whole answer. With one, the model writes
+    freely until the trigger text appears (a tool-call opener); the grammar then covers
+    what follows the trigger.
+    """
+
+    grammar: str
+    trigger: str | None = None
+
+
 @dataclass
 class Job:
     """One generation in flight: shared between the event loop and a worker thread."""
@@ -127,6 +175,7 @@ class Job:
     sampling: SamplerSettings
     emit: Callable[[str, int], None]
     """Worker thread: new text and the completion tokens so far."""
+    constraint: Constraint | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     admitted: threading.Event = field(default_factory=threading.Event)
     """Set when the job leaves the queue and starts (its prompt is being evaluated)."""

@@ -19,9 +19,11 @@ from mcp_types import (
     ErrorData,
     JSONRPCError,
     JSONRPCNotification,
+    JSONRPCRequest,
     RequestId,
     jsonrpc_message_adapter,
 )
+from mcp_types.methods import SERVER_REQUESTS
 from pydantic import ValidationError
 
 from localsample.errors import INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR
@@ -72,14 +74,46 @@ def read_message(line: bytes) -> SessionMessage | Malformed:
     A well-formed line costs what it costs the SDK (one ``validate_json``) plus an
     ``isinstance``; only lines the SDK refuses, and notifications that mention ``"id"``
     (the SDK reads a request whose id is unusable as a notification), take the slow path.
+    The params of a sampling request are checked too (``checked_params``).
     """
     try:
         message = jsonrpc_message_adapter.validate_json(line, by_name=False)
     except ValueError:  # pydantic's ValidationError included
-        return check_message(line)
+        return checked_params(check_message(line))
     if isinstance(message, JSONRPCNotification) and b'"id"' in line:
-        return check_message(line)
-    return SessionMessage(message)
+        return checked_params(check_message(line))
+    return checked_params(SessionMessage(message))
+
+
+CHECKED_METHODS = ("sampling/createMessage",)
+"""Requests whose params are checked here, so that the error names the field: the SDK
+answers a request it cannot validate with a bare "Invalid request parameters"."""
+
+
+def checked_params(read: SessionMessage | Malformed) -> SessionMessage | Malformed:
+    """A request of ``CHECKED_METHODS`` whose params fit no protocol version's schema becomes
+    a -32602 that names the field (e.g. ``params.toolChoice.mode``) and what is wrong."""
+    if isinstance(read, Malformed):
+        return read
+    message = read.message
+    if not isinstance(message, JSONRPCRequest) or message.method not in CHECKED_METHODS:
+        return read
+    body = {"jsonrpc": "2.0", "id": 0, "method": message.method, "params": message.params or {}}
+    problem: ValidationError | None = None
+    for (method, _version), surface in SERVER_REQUESTS.items():  # oldest version first
+        if method != message.method:
+            continue
+        try:
+            surface.model_validate(body, by_name=False)
+            return read
+        except ValidationError as exc:
+            problem = exc
+    if problem is None:
+        return read
+    first = problem.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    got = repr(first.get("input"))[:80]
+    return Malformed(INVALID_PARAMS, f"{where}: {first['msg']} (got {got})", message.id, "request")
 
 
 def check_message(line: bytes | str) -> SessionMessage | Malformed:

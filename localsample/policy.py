@@ -4,12 +4,15 @@
 reject) and rate limits over a rolling minute (requests, and generated tokens). An
 ``Approver`` decides whether a request goes ahead: automatically, never, or by asking a
 human (at the terminal for `call`/`sample`, through MCP elicitation in `serve`). A human
-may edit the prompt and parameters, and review the response before it goes back.
+may edit the prompt and parameters, and review the response before it goes back: for a
+request with tools the person sees the tools offered and the calls the model proposes,
+and sends or rejects the answer as a whole (an edit is applied only to answers without calls).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from collections import deque
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from localsample.errors import RejectedError, RequestError
-from localsample.generation import ChatMessage, GenerationRequest
+from localsample.generation import ChatMessage, Completion, GenerationRequest, ToolCall
 from localsample.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,7 +52,12 @@ class Pending:
         lines = [f"Sampling request from server '{self.server}'", f"model: {self.model} ({self.reason})"]
         if self.request.system:
             lines.append(f"system: {self.request.system}")
-        lines += [f"{m.role}: {m.content}" for m in self.request.messages]
+        for m in self.request.messages:
+            lines.append(f"{m.role}: {m.content}" if m.content or not m.tool_calls else f"{m.role}:")
+            lines += [f"  calls {call_line(c)}" for c in m.tool_calls]
+        if self.request.offers_tools:
+            names = ", ".join(t.name for t in self.request.tools)
+            lines.append(f"tools offered: {names} (toolChoice {self.request.tool_choice})")
         params = f"maxTokens {self.request.max_tokens}"
         if self.request.temperature is not None:
             params += f", temperature {self.request.temperature}"
@@ -57,6 +65,18 @@ class Pending:
             params += f", stop {list(self.request.stop)}"
         lines.append(params)
         return "\n".join(lines)
+
+
+def call_line(call: ToolCall) -> str:
+    """A tool call on one line: ``name({"arg": 1})``."""
+    return f"{call.name}({json.dumps(dict(call.arguments), ensure_ascii=False)})"
+
+
+def shown_response(completion: Completion) -> str:
+    """What a reviewer is shown: the text, and the calls the model proposes."""
+    lines = [completion.text] if completion.text else []
+    lines += [f"calls {call_line(c)}" for c in completion.tool_calls]
+    return "\n".join(lines)
 
 
 class Approver(Protocol):

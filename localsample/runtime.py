@@ -31,7 +31,7 @@ from localsample.errors import (
     UnknownModelError,
 )
 from localsample.generation import Completion, GenerationRequest, OnText
-from localsample.policy import Asker, Decision, Limits, Pending, choose_approver
+from localsample.policy import Asker, Decision, Limits, Pending, call_line, choose_approver, shown_response
 from localsample.pool import GeneratorFactory, Pool, llama_generator
 from localsample.selection import Choice, Needs, Preferences, ServerPolicy, estimate_tokens, select
 from localsample.settings import Settings, load_settings, private_dir
@@ -70,9 +70,17 @@ def decision_of(error: LocalsampleError) -> AuditDecision:
 
 
 def needs_of(request: GenerationRequest) -> Needs:
-    """What a request needs of a model (an estimate of its prompt's tokens, maxTokens)."""
+    """What a request needs of a model (an estimate of its prompt's tokens, maxTokens), and
+    the ``tools`` capability it prefers when it offers tools."""
     chars = sum(len(m.content) for m in request.messages) + len(request.system or "")
-    return Needs(prompt_tokens=estimate_tokens(chars, len(request.messages)), max_tokens=request.max_tokens)
+    chars += sum(len(json.dumps(dict(c.arguments))) for m in request.messages for c in m.tool_calls)
+    if request.offers_tools:
+        chars += sum(len(t.name) + len(t.description) + len(json.dumps(dict(t.input_schema))) for t in request.tools)
+    return Needs(
+        capabilities=frozenset({"tools"}) if request.offers_tools else frozenset(),
+        prompt_tokens=estimate_tokens(chars, len(request.messages)),
+        max_tokens=request.max_tokens,
+    )
 
 
 def model_names(settings: Settings) -> Iterator[tuple[str, str]]:
@@ -223,7 +231,9 @@ class Runtime:
         include_text = self.audit is not None and self.audit.include_text
         if include_text:
             record.system = request.system
-            record.messages = [[m.role, m.content] for m in request.messages]
+            record.messages = [
+                [m.role, "\n".join([m.content, *map(call_line, m.tool_calls)])] for m in request.messages
+            ]
         completion = await self.complete(choice, request, on_text)
         self.limits.record_tokens(server, completion.completion_tokens)
         record.prompt_tokens = completion.prompt_tokens
@@ -232,14 +242,16 @@ class Runtime:
         record.duration = round(completion.duration, 4)
         record.stop_reason = completion.stop_reason
         if self.settings.server(server).review_response and decision.human:
-            reviewed = await self._timed(server, approver.review(pending, completion.text))
+            reviewed = await self._timed(server, approver.review(pending, shown_response(completion)))
             if reviewed is None:
                 record.by = f"{decision.by} (response rejected)"
                 record.decision = None
                 raise RejectedError(f"the {decision.by} rejected the response", "ask the user")
-            completion = dataclasses.replace(completion, text=reviewed)
+            if not completion.tool_calls:
+                completion = dataclasses.replace(completion, text=reviewed)
+        record.tools_called = [c.name for c in completion.tool_calls] or None
         if include_text:
-            record.response = completion.text
+            record.response = shown_response(completion)
         log.info(
             "%s: request %s answered by %s (%s): %d+%d tokens, %s, %.2fs",
             server,

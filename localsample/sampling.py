@@ -5,9 +5,10 @@ requests pushed by servers (≤ 2025-11-25) and requests carried in ``InputRequi
 (2026-07-28), which the SDK's ``Client`` hands to the same callback. It validates and maps
 the request, hands it to ``Runtime.answer`` (selection, limits, approval, generation,
 review, audit), streams progress notifications when the request carries a progress
-token, and answers with one text block. Every failure becomes an ``ErrorData`` (-32602
-for a request we refuse, -32603 for an engine failure); the caller keeps serving. A
-cancelled request raises out of the callback, so the SDK sends no response.
+token, and answers with one text block, or a list holding the model's tool calls
+(sampling_map.py). Every failure becomes an ``ErrorData`` (-32602 for a request we
+refuse, -32603 for an engine failure); the caller keeps serving. A cancelled request
+raises out of the callback, so the SDK sends no response.
 """
 
 from __future__ import annotations
@@ -15,161 +16,27 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
 from mcp import types
 from mcp.client.session import ClientRequestContext
-from pydantic import ValidationError
 
 from localsample.audit import AuditRecord
-from localsample.catalog import SamplingDefaults
 from localsample.errors import (
     INTERNAL_ERROR,
     LocalsampleError,
     ModelFileError,
-    RequestError,
-    UnsupportedContentError,
 )
-from localsample.generation import ChatMessage, Completion, GenerationRequest
 from localsample.policy import Asker
 from localsample.runtime import Origin, Runtime
-from localsample.selection import Preferences
+from localsample.sampling_map import preferences_of, to_generation_request, to_result
 
 log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL = 0.1
 """Seconds between progress notifications for one request (at most ~10 a second)."""
 
-METADATA_SAMPLING_KEYS: dict[str, type | tuple[type, ...]] = {
-    "top_p": (int, float),
-    "top_k": int,
-    "min_p": (int, float),
-    "seed": int,
-    "repeat_penalty": (int, float),
-}
-"""``metadata`` keys passed on to llama.cpp's sampler (in the catalog's ranges, see
-``SamplingDefaults``); other keys are ignored (logged once)."""
-
-MAX_STOP_SEQUENCES = 32
-"""Most stop sequences one request may send: each is matched against every new piece of
-text, so an unbounded list would slow every request that shares the model."""
-
-MAX_STOP_LENGTH = 256
-"""Most characters in one stop sequence."""
-
 Echo = Callable[[str], None]
 """Receives generated text as it streams (the `call` command shows it on a terminal)."""
-
-
-def to_generation_request(params: types.CreateMessageRequestParams) -> GenerationRequest:
-    """Validate a sampling request and map it onto the engine; RequestError names the field."""
-    if params.tools or params.tool_choice is not None:
-        raise UnsupportedContentError(
-            "tools in sampling requests (params.tools / params.toolChoice) are not supported yet",
-            "call without tools; localsample does not declare the sampling.tools capability",
-        )
-    if not params.messages:
-        raise RequestError("params.messages is empty", "send at least one user message")
-    if params.max_tokens <= 0:
-        raise RequestError(f"params.maxTokens must be positive (got {params.max_tokens})", "send maxTokens >= 1")
-    if params.temperature is not None and not 0.0 <= params.temperature <= 2.0:
-        raise RequestError(
-            f"params.temperature must be between 0 and 2 (got {params.temperature})", "send a temperature in 0..2"
-        )
-    messages = [ChatMessage(m.role, _text_of(m, i)) for i, m in enumerate(params.messages)]
-    sampling = _metadata_sampling(params.metadata)
-    stops = _stop_sequences(params.stop_sequences)
-    return GenerationRequest(
-        messages=messages,
-        max_tokens=params.max_tokens,
-        system=params.system_prompt or None,
-        stop=tuple(stops),
-        temperature=params.temperature,
-        **sampling,
-    )
-
-
-def _text_of(message: types.SamplingMessage, index: int) -> str:
-    blocks = message.content if isinstance(message.content, list) else [message.content]
-    texts: list[str] = []
-    for block in blocks:
-        if isinstance(block, types.TextContent):
-            texts.append(block.text)
-        else:
-            kind = getattr(block, "type", type(block).__name__)
-            raise UnsupportedContentError(
-                f"params.messages[{index}] has {kind} content, which is not supported yet "
-                "(localsample serves text-only models for now)",
-                "send text content only",
-            )
-    return "".join(texts)
-
-
-def _stop_sequences(stops: list[str] | None) -> list[str]:
-    stops = stops or []
-    if any(not isinstance(s, str) for s in stops):
-        raise RequestError("params.stopSequences must be a list of strings", "send stopSequences as strings")
-    if len(stops) > MAX_STOP_SEQUENCES:
-        raise RequestError(
-            f"params.stopSequences has {len(stops)} entries; at most {MAX_STOP_SEQUENCES} are accepted",
-            f"send at most {MAX_STOP_SEQUENCES} stop sequences",
-        )
-    longest = max((len(s) for s in stops), default=0)
-    if longest > MAX_STOP_LENGTH:
-        raise RequestError(
-            f"params.stopSequences has an entry of {longest} characters; at most {MAX_STOP_LENGTH} are accepted",
-            f"send stop sequences of at most {MAX_STOP_LENGTH} characters",
-        )
-    return stops
-
-
-_warned_metadata: set[str] = set()
-
-
-def _metadata_sampling(metadata: dict[str, Any] | None) -> dict[str, Any]:
-    chosen: dict[str, Any] = {}
-    for key, value in (metadata or {}).items():
-        expected = METADATA_SAMPLING_KEYS.get(key)
-        if expected is None:
-            if key not in _warned_metadata:
-                _warned_metadata.add(key)
-                log.info("ignoring metadata key %r (used: %s)", key, ", ".join(METADATA_SAMPLING_KEYS))
-            continue
-        if isinstance(value, bool) or not isinstance(value, expected):
-            raise RequestError(f"params.metadata.{key} must be a number (got {value!r})", f"send a numeric {key}")
-        chosen[key] = value
-    try:
-        SamplingDefaults(**chosen)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        key = str(error["loc"][0])
-        raise RequestError(
-            f"params.metadata.{key} is out of range: {error['msg'].lower()} (got {chosen[key]!r})",
-            f"send {key} within its range, or leave it out to use the model's default",
-        ) from None
-    return chosen
-
-
-def preferences_of(params: types.CreateMessageRequestParams) -> Preferences:
-    prefs = params.model_preferences
-    if prefs is None:
-        return Preferences()
-    return Preferences(
-        hints=tuple(h.name for h in prefs.hints or () if h.name),
-        cost=prefs.cost_priority,
-        speed=prefs.speed_priority,
-        intelligence=prefs.intelligence_priority,
-    )
-
-
-def to_result(completion: Completion) -> types.CreateMessageResult:
-    """One text block (what 1.x servers validate), the model that ran, the exact stop reason."""
-    return types.CreateMessageResult(
-        role="assistant",
-        content=types.TextContent(type="text", text=completion.text),
-        model=completion.model,
-        stop_reason=completion.stop_reason,
-    )
 
 
 class Progress:
@@ -214,7 +81,7 @@ class SamplingHandler:
 
     async def __call__(
         self, context: ClientRequestContext, params: types.CreateMessageRequestParams
-    ) -> types.CreateMessageResult | types.ErrorData:
+    ) -> types.CreateMessageResult | types.CreateMessageResultWithTools | types.ErrorData:
         ctx = context
         origin = Origin(self.server, str(ctx.request_id), getattr(ctx.session, "protocol_version", None))
         try:

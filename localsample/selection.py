@@ -4,10 +4,13 @@
 the server's policy and a predicate telling which models are on disk. It applies, in order:
 
 1. the server's allow-list (settings), if any;
-2. capabilities: image content needs ``vision``, audio ``audio``, tools ``tools``, and the
-   prompt plus maxTokens must fit the model's ``n_ctx``;
+2. capabilities: image content needs ``vision``, audio ``audio``, and the prompt plus
+   maxTokens must fit the model's ``n_ctx``;
 3. only models whose file is on disk;
 4. a model pinned for the server (settings) wins over everything below;
+   then, for a request that offers tools, models with the ``tools`` capability (their
+   chat template writes tool calls) if any can serve; else any model, with the generic
+   tool prompt (toolcalls.py), which the reason says;
 5. hints, in order: the first hint matching any candidate wins (matching = the hint is
    part of an id, alias or family, or an alias is a whole word of the hint;
    case-insensitive);
@@ -30,6 +33,9 @@ from localsample.catalog import Catalog, ModelEntry
 from localsample.errors import RequestError
 
 CAPABILITIES = ("vision", "audio", "tools")
+PREFERRED = frozenset({"tools"})
+"""Capabilities a request prefers rather than needs: any model can call tools (the generic
+prompt and the grammar keep its calls well-formed), a model trained for it calls better."""
 
 
 @dataclass(frozen=True)
@@ -128,7 +134,7 @@ def estimate_tokens(text_chars: int, messages: int) -> int:
 
 
 def _unfit(model: ModelEntry, needs: Needs) -> str | None:
-    missing = sorted(needs.capabilities - set(model.capabilities))
+    missing = sorted(needs.capabilities - PREFERRED - set(model.capabilities))
     if missing:
         return f"no {'/'.join(missing)} capability"
     if needs.context_tokens > model.load.n_ctx:
@@ -195,15 +201,25 @@ def select(
         return Choice(pinned, f"pinned for server '{server}' in settings", ranked)
 
     notes: list[str] = []
+    preferred = needs.capabilities & PREFERRED
+    wanted = "/".join(sorted(preferred))
+    if preferred:
+        fitting = [m for m in candidates if preferred <= set(m.capabilities)]
+        if fitting:
+            candidates = fitting
+            notes.append(f"{wanted} capability preferred")
+        else:
+            notes.append(f"no model with the {wanted} capability can serve: the generic tool prompt is used")
     for hint in prefs.hints:
         matches = [m for m in candidates if hint_matches(hint, m)]
         if matches:
             best = matches[0]  # candidates are sorted by score, then catalog order
             also = f" (also matched: {', '.join(m.id for m in matches[1:])})" if len(matches) > 1 else ""
             return Choice(best, "; ".join([*notes, f"hint '{hint}' matched '{best.id}'{also}"]), ranked)
-        unusable = [r for r in ranking if r.excluded and hint_matches(hint, r.model)]
+        unusable = [(r.model, r.excluded or f"no {wanted} capability") for r in ranking if r.model not in candidates]
+        unusable = [(model, why) for model, why in unusable if hint_matches(hint, model)]
         if unusable:
-            notes.append(f"hint '{hint}' matched only " + ", ".join(f"{r.model.id} ({r.excluded})" for r in unusable))
+            notes.append(f"hint '{hint}' matched only " + ", ".join(f"{m.id} ({why})" for m, why in unusable))
         else:
             notes.append(f"hint '{hint}' matched no model")
 
@@ -217,7 +233,9 @@ def select(
     if fallback in candidates:
         return Choice(fallback, "; ".join([*notes, "default model"]), ranked)
     first = next(m for m in catalog if m in candidates)
-    why = next(r.excluded for r in ranking if r.model.id == fallback.id)
+    why = (
+        next(r.excluded for r in ranking if r.model.id == fallback.id) or f"no {'/'.join(sorted(preferred))} capability"
+    )
     note = f"default model '{fallback.id}' cannot serve ({why}); first that can"
     return Choice(first, "; ".join([*notes, note]), ranked)
 

@@ -26,7 +26,7 @@ import pytest
 from localsample.catalog import LoadSettings, ModelEntry, load_catalog
 from localsample.engine import Engine
 from localsample.errors import BusyError
-from localsample.generation import Completion, GenerationRequest, OnText, StopMatcher, StopReason
+from localsample.generation import Completion, GenerationRequest, OnText, StopMatcher, StopReason, ToolCall
 from localsample.gguf_file import check_gguf_file, files_size
 from localsample.pool import GeneratorFactory
 from localsample.runtime import Runtime
@@ -192,6 +192,9 @@ class FakeGenerator:
 
     async def _generate(self, request: GenerationRequest, on_text: OnText | None) -> Completion:
         self.requests.append(request)
+        if request.offers_tools and request.tool_choice == "required":  # a call of the first tool
+            call = ToolCall(f"call_fake{len(self.requests)}", request.tools[0].name, {})
+            return Completion("", self.model_id, "toolUse", None, 1, 1, 0.0, 0.0, tool_calls=(call,))
         matcher = StopMatcher(request.stop)
         words = self.REPLY.split()
         prompt = " ".join(m.content for m in request.messages) + (request.system or "")

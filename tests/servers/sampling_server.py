@@ -5,6 +5,9 @@ tool reports what came back as JSON, so tests can check what the server really s
 
 - `write`: samples through `Resolve`/`Sample`, so it works on both protocol eras
   (pushed request on 2025-11-25, `InputRequiredResult` on 2026-07-28).
+- `forecast`: as `write`, with a tool the model must call (tools in sampling).
+- `push_raw`: sends the params it is given exactly as given (tools, tool_use history,
+  malformed fields), and reports the result or the error.
 - `push`: sends a hand-made `sampling/createMessage` (≤ 2025-11-25 only), optionally with
   a progress token and a timeout after which the server abandons (cancels) the request;
   fields may be malformed on purpose.
@@ -47,6 +50,40 @@ async def write(
     result: Annotated[types.CreateMessageResult, Resolve(ask)] = None,  # type: ignore[assignment]
 ) -> str:
     """Sample one sentence about TOPIC; returns the result as JSON."""
+    return result.model_dump_json(by_alias=True, exclude_none=True)
+
+
+WEATHER_TOOL = types.Tool(
+    name="get_weather",
+    description="The weather forecast for a city.",
+    input_schema={
+        "type": "object",
+        "properties": {
+            "city": {"type": "string"},
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+        },
+        "required": ["city", "unit"],
+    },
+)
+
+
+def ask_with_tools(city: str) -> Sample:
+    return Sample(
+        [_message(f"What is the weather in {city}?")],
+        max_tokens=60,
+        temperature=0.0,
+        tools=[WEATHER_TOOL],
+        tool_choice=types.ToolChoice(mode="required"),
+    )
+
+
+@server.tool()
+async def forecast(
+    city: str,
+    result: Annotated[types.CreateMessageResultWithTools, Resolve(ask_with_tools)] = None,  # type: ignore[assignment]
+) -> str:
+    """Sample with a tool the model must call (both eras: MRTR on 2026-07-28); returns the
+    result as JSON."""
     return result.model_dump_json(by_alias=True, exclude_none=True)
 
 
@@ -115,6 +152,37 @@ async def push(
     except MCPError as exc:
         report["error"] = {"code": exc.error.code, "message": exc.error.message}
     return json.dumps(report)
+
+
+@server.tool()
+async def push_raw(ctx: Context, params: dict[str, Any], progress: bool = False) -> str:
+    """Send PARAMS (JSON as on the wire, unchecked) as a sampling/createMessage; report the
+    result (tool calls allowed), the progress seen, or the error."""
+    request = RawRequest(method="sampling/createMessage", params=params)
+    seen: list[dict[str, Any]] = []
+
+    async def on_progress(value: float, total: float | None, message: str | None) -> None:
+        seen.append({"progress": value, "total": total, "message": message})
+
+    report: dict[str, Any] = {"progress": seen}
+    try:
+        result = await ctx.session.send_request(
+            request,
+            types.CreateMessageResultWithTools,
+            progress_callback=on_progress if progress else None,
+        )
+        report["result"] = result.model_dump(mode="json", by_alias=True, exclude_none=True)
+    except MCPError as exc:
+        report["error"] = {"code": exc.error.code, "message": exc.error.message}
+    return json.dumps(report)
+
+
+class RawRequest(BaseModel):
+    """A request sent exactly as given (no checks): to see what the client does with what a
+    careless server may send."""
+
+    method: str
+    params: dict[str, Any]
 
 
 @server.tool()
