@@ -209,7 +209,9 @@ def select(
             candidates = fitting
             notes.append(f"{wanted} capability preferred")
         else:
-            notes.append(f"no model with the {wanted} capability can serve: the generic tool prompt is used")
+            capable = [r for r in ranking if preferred <= set(r.model.capabilities)]
+            why = f" ({'; '.join(f'{r.model.id}: {r.excluded}' for r in capable)})" if capable else ""
+            notes.append(f"no model with the {wanted} capability can serve{why}: the generic tool prompt is used")
     for hint in prefs.hints:
         matches = [m for m in candidates if hint_matches(hint, m)]
         if matches:

@@ -272,11 +272,11 @@ PLACEHOLDER = "__localsample_number_{}__"
 class Bounds:
     """What the grammar adds to a schema so that every answer is valid and finishes.
 
-    - Bounded ``number`` schemas, which llama.cpp's converter leaves unbounded (it bounds
-      only integers): each is swapped for a placeholder constant before conversion and
-      its placeholder for a rule of our own after. Handled: integer bounds with
-      ``minimum`` >= 0 (a span of at most MAX_ENUMERATED_RANGE), and ``minimum`` 0 alone;
-      any other bound is checked after decoding (``_check_input``).
+    - Bounded ``integer`` and ``number`` schemas, which llama-cpp-python's converter leaves
+      unbounded: each is swapped for a placeholder constant before conversion and its
+      placeholder for a rule of our own after. Handled: integer bounds spanning at most
+      MAX_ENUMERATED_RANGE (numbers: from 0 up), and ``minimum`` 0 or 1 alone; any other
+      bound is checked after decoding (``_check_input``).
     - Strings without a ``maxLength`` get ``max_string`` characters at most: a small model
       can fill a string forever (SmolLM2-135M did, past 1000 tokens), and a string that
       never closes is a call that never completes. A schema's own ``maxLength`` stands (up
@@ -310,14 +310,21 @@ class Bounds:
 
     @staticmethod
     def _number_rule(schema: dict[str, Any]) -> str | None:
-        if schema.get("type") != "number" or set(schema) & {"exclusiveMinimum", "exclusiveMaximum", "multipleOf"}:
+        kind = schema.get("type")
+        if kind not in ("number", "integer") or set(schema) & {"exclusiveMinimum", "exclusiveMaximum", "multipleOf"}:
             return None
         low, high = schema.get("minimum"), schema.get("maximum")
-        fraction = '("." [0-9]{1,12})?'
+        fraction = '("." [0-9]{1,12})?' if kind == "number" else ""
         if low == 0 and high is None:
             return f'("0" | [1-9] [0-9]{{0,15}}) {fraction}'
+        if low == 1 and high is None:
+            return f"[1-9] [0-9]{{0,15}} {fraction}"
         exact = all(isinstance(v, int | float) and float(v).is_integer() for v in (low, high))
-        if not exact or low is None or high is None or not 0 <= low <= high or high - low > MAX_ENUMERATED_RANGE:
+        if not exact or low is None or high is None or low > high or high - low > MAX_ENUMERATED_RANGE:
+            return None
+        if kind == "integer":
+            return " | ".join(f'"{n}"' for n in range(int(low), int(high) + 1))
+        if low < 0:
             return None
         whole = " | ".join(f'"{n}"' for n in range(int(low), int(high)))
         top = f'"{int(high)}" ("." "0"{{1,12}})?'

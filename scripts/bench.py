@@ -19,6 +19,8 @@
 3. 1, 2, 4, 8 requests at once vs one after another: aggregate tokens/s, p50/p95 latency.
 4. Time to first token with a ~1000-token system prompt: cold vs already evaluated.
 5. Resident memory with the model loaded.
+6. Tool calls: the grammar's cost in decode speed, and well-formed calls over 50 prompts
+   (scripts/bench_tools.py).
 Decode under contention (other processes on the cores) is scripts/bench_contention.py.
 Each side runs in a process of its own and rounds alternate, so drift hits all alike.
 Medians over R rounds. All load the model with the catalog's settings.
@@ -55,6 +57,9 @@ from localsample.catalog import ModelEntry
 from localsample.engine import Engine
 from localsample.generation import ChatMessage, GenerationRequest
 from localsample.runtime import Runtime
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_tools import tools_section
 
 
 def engine_of(runtime: Runtime, model: ModelEntry) -> Engine:
@@ -268,6 +273,7 @@ def main() -> None:
     )
     concurrency_section(model.id, 64)
     cache_and_memory_section(model.id)
+    tools_section(model)
 
 
 def concurrency_section(model_id: str, tokens: int, rounds: int = 3) -> None:

@@ -16,7 +16,16 @@ import pytest
 
 from localsample.engine import Engine, sampler_settings
 from localsample.errors import ToolCallError
-from localsample.generation import ChatMessage, Completion, Constraint, GenerationRequest, Job, ToolCall, ToolSpec
+from localsample.generation import (
+    ChatMessage,
+    Completion,
+    Constraint,
+    GenerationRequest,
+    Job,
+    ToolCall,
+    ToolChoice,
+    ToolSpec,
+)
 from localsample.toolcalls import GENERIC, calls_grammar, split_answer
 
 pytestmark = pytest.mark.anyio
@@ -64,14 +73,14 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def ask(prompt: str, tools: list[ToolSpec], choice: str = "required", **fields: Any) -> GenerationRequest:
+def ask(prompt: str, tools: list[ToolSpec], choice: ToolChoice = "required", **fields: Any) -> GenerationRequest:
     return GenerationRequest(
         [ChatMessage("user", prompt)],
         max_tokens=fields.pop("max_tokens", 96),
         temperature=0.0,
         tools=tools,
         tool_choice=choice,
-        **fields,  # type: ignore[arg-type]
+        **fields,
     )
 
 

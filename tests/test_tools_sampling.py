@@ -203,12 +203,13 @@ def test_a_request_with_tools_prefers_a_model_with_the_tools_capability(tmp_path
 # -- over stdio, on the real model ----------------------------------------------------------
 
 
-def call_push_raw(request: dict[str, Any]) -> dict[str, Any]:
+def call_push_raw(request: dict[str, Any], *args: str) -> dict[str, Any]:
     import subprocess
 
     server = ["--server", f"{sys.executable} {SERVER}", "--protocol", "legacy"]
     proc = subprocess.run(
-        [sys.executable, "-m", "localsample", "call", *server, "push_raw", "--arg", f"params={json.dumps(request)}"],
+        [sys.executable, "-m", "localsample", "call", *server, "push_raw", "--arg", f"params={json.dumps(request)}"]
+        + [item for arg in args for item in ("--arg", arg)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -235,7 +236,9 @@ def test_what_the_sdk_refuses_is_refused_naming_the_field(model_dir: Path, field
 @pytest.mark.slow
 def test_call_declares_sampling_tools_and_returns_a_valid_call(model_dir: Path) -> None:
     request = params(tools=[WEATHER], toolChoice={"mode": "required"}, maxTokens=60, temperature=0)
-    answer = call_push_raw(request)["result"]  # the server's SDK accepted tools: the capability was declared
+    report = call_push_raw(request, "progress=true")
+    answer = report["result"]  # the server's SDK accepted tools: the capability was declared
+    assert report["progress"] and report["progress"][-1]["message"].startswith("<tool_call>")  # the call's JSON
     assert answer["stopReason"] == "toolUse"
     calls = [b for b in answer["content"] if b["type"] == "tool_use"]
     assert calls and all(c["name"] == "get_weather" for c in calls)

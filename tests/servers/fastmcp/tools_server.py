@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Literal
 
@@ -62,6 +64,17 @@ class Tags(BaseModel):
     confidence: float = Field(ge=0.0, le=1.0)
 
 
+@contextmanager
+def recording() -> Iterator[list[dict[str, Any]]]:
+    """The calls get_weather receives while the block runs."""
+    calls: list[dict[str, Any]] = []
+    token = _calls.set(calls)
+    try:
+        yield calls
+    finally:
+        _calls.reset(token)
+
+
 def _rounds(history: list[Any]) -> int:
     return sum(1 for message in history if message.role == "assistant")
 
@@ -69,17 +82,13 @@ def _rounds(history: list[Any]) -> int:
 @server.tool
 async def weather_report(city: str, ctx: Context, max_tokens: int = 256) -> dict[str, Any]:
     """Ask the client's model for a weather report; it may call get_weather to get one."""
-    calls: list[dict[str, Any]] = []
-    token = _calls.set(calls)
-    try:
+    with recording() as calls:
         result = await ctx.sample(
             f"What is the weather in {city} today? Use the get_weather tool, then answer in one sentence.",
             system_prompt="You are a concise weather assistant.",
             max_tokens=max_tokens,
             tools=[get_weather],
         )
-    finally:
-        _calls.reset(token)
     return {"text": result.text, "calls": calls, "rounds": _rounds(result.history)}
 
 
@@ -88,9 +97,7 @@ async def weather_step(city: str, ctx: Context, max_tokens: int = 128) -> dict[s
     """One agent step by hand: `ctx.sample_step` with toolChoice "required" (FastMCP runs
     the call through get_weather itself), then a step with toolChoice "none" that answers
     from the tool result in the history."""
-    calls: list[dict[str, Any]] = []
-    token = _calls.set(calls)
-    try:
+    with recording() as calls:
         step = await ctx.sample_step(
             f"What is the weather in {city} today?",
             system_prompt="You are a concise weather assistant.",
@@ -99,8 +106,6 @@ async def weather_step(city: str, ctx: Context, max_tokens: int = 128) -> dict[s
             tool_choice="required",
         )
         final = await ctx.sample_step(step.history, max_tokens=max_tokens, tools=[get_weather], tool_choice="none")
-    finally:
-        _calls.reset(token)
     return {"called": step.is_tool_use, "calls": calls, "text": final.text, "history": len(step.history)}
 
 
