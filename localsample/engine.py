@@ -28,12 +28,14 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from localsample.batch import Batcher, ContextSettings
+from localsample.batch import Batcher
 from localsample.catalog import ModelEntry
 from localsample.errors import BusyError, ModelFileError
 from localsample.generation import Completion, GenerationRequest, Job, OnText, SamplerSettings
 from localsample.gguf_file import check_gguf_file, files_size
-from localsample.toolcalls import GENERIC, Dialect, constraint_for, detect_dialect, render_prompt, split_answer
+from localsample.grammar import constraint_for
+from localsample.slots import ContextSettings
+from localsample.toolcalls import GENERIC, Dialect, detect_dialect, render_prompt, split_answer
 
 if TYPE_CHECKING:
     from llama_cpp import Llama

@@ -35,8 +35,9 @@ from localsample.catalog import ModelEntry, resolve_model_path
 from localsample.engine import Engine
 from localsample.errors import ToolCallError
 from localsample.generation import ChatMessage, GenerationRequest, ToolSpec
+from localsample.grammar import calls_grammar, max_string
 from localsample.runtime import Runtime
-from localsample.toolcalls import calls_grammar, max_string, template_messages
+from localsample.toolcalls import template_messages
 
 TICKET = ToolSpec(
     "create_ticket",

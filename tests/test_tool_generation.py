@@ -26,7 +26,8 @@ from localsample.generation import (
     ToolChoice,
     ToolSpec,
 )
-from localsample.toolcalls import GENERIC, calls_grammar, split_answer
+from localsample.grammar import calls_grammar
+from localsample.toolcalls import GENERIC, split_answer
 
 pytestmark = pytest.mark.anyio
 

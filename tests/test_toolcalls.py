@@ -23,6 +23,7 @@ from localsample.constrained import GrammarSampler
 from localsample.engine import Engine
 from localsample.errors import RequestError
 from localsample.generation import ChatMessage, GenerationRequest, ToolCall, ToolSpec
+from localsample.grammar import calls_grammar
 from localsample.toolcalls import (
     GENERIC,
     HERMES,
@@ -30,7 +31,6 @@ from localsample.toolcalls import (
     MISTRAL,
     Dialect,
     call_text,
-    calls_grammar,
     detect_dialect,
     render_prompt,
     split_answer,
