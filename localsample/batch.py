@@ -46,7 +46,7 @@ from concurrent.futures import Executor, Future
 import llama_cpp
 
 from localsample.constrained import GrammarSampler
-from localsample.errors import ContextOverflowError, EngineError, GenerationCancelled
+from localsample.errors import ContextOverflowError, EngineError, GenerationCancelled, ToolCallError
 from localsample.generation import Completion, Job, StopMatcher, StopReason
 from localsample.slots import Active, ContextSettings, Encode, Piece, Row, Slot, Tokenize, common_prefix
 
@@ -372,7 +372,10 @@ class Batcher:
         assert active is not None
         if active.grammar is not None and active.trigger is None:
             assert self.ctx is not None
-            token = active.grammar.sample(active.sampler, self.ctx, index)
+            try:
+                token = active.grammar.sample(active.sampler, self.ctx, index)
+            except ToolCallError as exc:  # this request's dead end: the others go on
+                return self._finish(slot, error=exc)
         else:
             token = llama_cpp.llama_sampler_sample(active.sampler, self.ctx, index)
         if active.first_token_at is None:
@@ -391,6 +394,8 @@ class Batcher:
             active.parts.append(text)
             active.job.emit(text, active.count)
         if stop is not None and stop == active.trigger:
+            if active.count >= request.max_tokens:  # no room left for a call: the text stands
+                return self._finish(slot, "maxTokens")
             return self._constrain(slot)
         if stop is not None:
             return self._finish(slot, "stopSequence", stop)
@@ -406,7 +411,11 @@ class Batcher:
         active = slot.active
         assert active is not None and active.trigger is not None
         start = active.text.find(active.trigger)
-        position, offset = next((p, o) for p, o in reversed(active.marks) if o <= start)
+        offset = max(o for _, o in active.marks if o <= start)
+        # the earliest token at that offset (tokens ending inside a UTF-8 character share one)
+        cut = next(i for i, (_, o) in enumerate(active.marks) if o == offset)
+        position = active.marks[cut][0]
+        active.count -= len(active.marks) - cut  # the cut tokens are written again, counted then
         del slot.tokens[position:]
         pending = self.encode(active.text[offset:start])  # the text before the trigger in its token
         if not pending:  # nothing to evaluate: evaluate the last token again, for fresh logits

@@ -6,8 +6,8 @@ vocabulary, as long as a whole decode step of a 135M model. Instead the grammar 
 only the ``SHORTLIST`` tokens with the highest logits, and the request's own chain
 (penalties, top-k, temperature …) picks among those it allows; only when it allows none
 of them (say, the end of the answer is all that is left) does the grammar filter the
-whole vocabulary. For greedy decoding that is exactly the token the grammar-first chain
-picks; for sampling, tokens below the shortlist's logits are left out, as top_k = 40 and
+whole vocabulary. For greedy decoding without a repeat penalty that is exactly the token
+the grammar-first chain picks; for sampling, tokens below the shortlist's logits are left out, as top_k = 40 and
 min_p leave them out anyway.
 """
 
@@ -19,7 +19,7 @@ import llama_cpp
 import numpy as np
 import numpy.typing as npt
 
-from localsample.errors import EngineError
+from localsample.errors import EngineError, ToolCallError
 
 SHORTLIST = 64
 """Tokens with the highest logits that the grammar checks first."""
@@ -76,9 +76,16 @@ class GrammarSampler:
             everything["p"] = 0.0
             view = self._reset(self.all_view, self.n_vocab)
             llama_cpp.llama_sampler_apply(self.sampler, ctypes.byref(view))
+            if np.isneginf(everything["logit"]).all():  # accepting any token now would abort llama.cpp
+                raise ToolCallError(
+                    "the grammar allows no token here: this request's schema leads to a dead end",
+                    "simplify the schema (a pattern or bounds no JSON value can meet?)",
+                )
             short = everything
         llama_cpp.llama_sampler_apply(chain, ctypes.byref(view))
         token = int(short[view.selected]["id"])
+        if np.isneginf(short[view.selected]["logit"]):
+            raise ToolCallError("the sampler chose a token the grammar forbids", "retry the request")
         llama_cpp.llama_sampler_accept(self.sampler, token)
         llama_cpp.llama_sampler_accept(chain, token)
         return token

@@ -159,8 +159,8 @@ class Constraint:
     """Grammar-constrained decoding for one request (llama.cpp GBNF, root rule ``root``).
 
     Without a ``trigger`` the grammar covers the whole answer. With one, the model writes
-    freely until the trigger text appears (a tool-call opener); the grammar then covers
-    what follows the trigger.
+    freely until the trigger text appears (a tool-call opener); the generation is then cut
+    back to just before the trigger and the grammar covers the rest, trigger included.
     """
 
     grammar: str

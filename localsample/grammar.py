@@ -8,6 +8,7 @@ answer decoded under the grammar is valid and can finish within maxTokens.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -59,7 +60,8 @@ class Bounds:
 
     def __init__(self, max_string: int) -> None:
         self.max_string = max_string
-        self.rules: dict[str, str] = {}
+        self.rules: dict[str, str] = {}  # rule text → its name (one rule for equal bounds)
+        self.placeholders: list[str] = []  # the rule name of each placeholder, by index
 
     def replace(self, schema: Any) -> Any:
         if isinstance(schema, list):
@@ -68,9 +70,9 @@ class Bounds:
             return schema
         rule = self._rule(schema)
         if rule is not None:
-            name = f"bounded-{len(self.rules)}"
-            self.rules[name] = rule
-            return {"const": PLACEHOLDER.format(len(self.rules) - 1)}
+            name = self.rules.setdefault(rule, f"ls-value-{len(self.rules)}")
+            self.placeholders.append(name)
+            return {"const": PLACEHOLDER.format(len(self.placeholders) - 1)}
         return {key: self.replace(value) for key, value in schema.items()}
 
     def _rule(self, schema: dict[str, Any]) -> str | None:
@@ -79,13 +81,14 @@ class Bounds:
             longest = min(int(schema.get("maxLength", self.max_string)), MAX_STRING)
             if longest < shortest:
                 return None  # an impossible schema: the converter's own rule, and the check after
-            return f'"\\"" json-char{{{shortest},{longest}}} "\\""'
+            return f'"\\"" ls-json-char{{{shortest},{longest}}} "\\""'
         return self._number_rule(schema)
 
     @staticmethod
     def _number_rule(schema: dict[str, Any]) -> str | None:
         kind = schema.get("type")
-        if kind not in ("number", "integer") or set(schema) & {"exclusiveMinimum", "exclusiveMaximum", "multipleOf"}:
+        unsupported = {"exclusiveMinimum", "exclusiveMaximum", "multipleOf", "enum", "const"}
+        if kind not in ("number", "integer") or set(schema) & unsupported:
             return None
         low, high = schema.get("minimum"), schema.get("maximum")
         fraction = '("." [0-9]{1,12})?' if kind == "number" else ""
@@ -105,12 +108,30 @@ class Bounds:
         return f"({whole}) {fraction} | {top}" if whole else top
 
     def apply(self, grammar: str) -> str:
-        grammar = strict_strings(grammar) + f"\njson-char ::= {JSON_CHAR}"
-        for index, (name, rule) in enumerate(self.rules.items()):
+        grammar = strict_strings(grammar) + f"\nls-json-char ::= {JSON_CHAR}"
+        for index, name in enumerate(self.placeholders):
             literal = json.dumps(json.dumps(PLACEHOLDER.format(index)))  # as the converter writes a const
             grammar = grammar.replace(literal, name)
-            grammar += f"\n{name} ::= {rule}"
-        return grammar
+        return grammar + "".join(f"\n{name} ::= {rule}" for rule, name in self.rules.items())
+
+
+def scoped(schema: Any, prefix: str) -> Any:
+    """``schema`` with its ``$defs`` (and ``definitions``) renamed ``PREFIX + name``: the
+    converter names a referenced rule by its last path segment, so two tools' ``Item``
+    definitions would otherwise share one rule."""
+    if isinstance(schema, list):
+        return [scoped(item, prefix) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    result: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in ("$defs", "definitions") and isinstance(value, dict):
+            result[key] = {f"{prefix}{name}": scoped(item, prefix) for name, item in value.items()}
+        elif key == "$ref" and isinstance(value, str):
+            result[key] = re.sub(r"^#/(\$defs|definitions)/", lambda m: f"{m.group(0)}{prefix}", value)
+        else:
+            result[key] = scoped(value, prefix)
+    return result
 
 
 JSON_CHAR = '[^"\\\\\\x7F\\x00-\\x1F] | "\\\\" (["\\\\/bfnrt] | "u" [0-9a-fA-F]{4})'
@@ -164,7 +185,8 @@ def calls_grammar(tools: Sequence[ToolSpec], dialect: Dialect, max_string: int =
     for index, tool in enumerate(tools):
         where = f"params.tools[{index}].inputSchema"
         try:
-            schema = converter.resolve_refs(numbers.replace(json.loads(json.dumps(tool.input_schema))), where)
+            schema = scoped(numbers.replace(json.loads(json.dumps(tool.input_schema))), f"t{index}-")
+            schema = converter.resolve_refs(schema, where)
         except Exception as exc:
             raise RequestError(f"{where}: {exc}", "use only local $refs (#/...) in the schema") from None
         properties = {"name": {"const": tool.name}, dialect.args_key: schema}
@@ -192,9 +214,9 @@ def calls_grammar(tools: Sequence[ToolSpec], dialect: Dialect, max_string: int =
     elif dialect.closer:
         opener, closer = _literal(dialect.opener), _literal(dialect.closer)
         root = (
-            f"root ::= block (tsep block){{0,{more}}}\n"
-            f'block ::= {opener} "\\n"? call "\\n"? {closer}\n'
-            'tsep ::= "\\n"{0,2}'
+            f"root ::= ls-block (ls-sep ls-block){{0,{more}}}\n"
+            f'ls-block ::= {opener} "\\n"? call "\\n"? {closer}\n'
+            'ls-sep ::= "\\n"{0,2}'
         )
     else:
         root = "root ::= call"

@@ -127,20 +127,29 @@ def chat_messages(messages: Sequence[types.SamplingMessage], tool_names: set[str
     """The conversation, with tool calls on assistant turns and one ``tool`` turn per result."""
     result: list[ChatMessage] = []
     calls: set[str] = set()  # tool_use ids so far
-    answered: set[str] = set()
+    pending: list[str] = []  # the calls of the message just before, each answered next
     for index, message in enumerate(messages):
         where = f"params.messages[{index}]"
         blocks = message.content if isinstance(message.content, list) else [message.content]
         if any(isinstance(b, types.ToolResultContent) for b in blocks):
-            for turn in tool_results(message.role, blocks, calls, where):
-                answered.add(turn.tool_call_id or "")
-                result.append(turn)
-        else:
-            result.append(turn_of(message.role, blocks, tool_names, calls, where))
-    unanswered = [call_id for call_id in calls if call_id not in answered]
-    if unanswered:
+            turns = tool_results(message.role, blocks, calls, where)
+            answered = [turn.tool_call_id or "" for turn in turns]
+            if sorted(answered) != sorted(pending):
+                raise RequestError(
+                    f"{where} answers tool_use {sorted(answered)}; the message before it made {sorted(pending)}",
+                    "answer each tool_use exactly once, in the user message right after it",
+                )
+            result += turns
+            pending = []
+            continue
+        if pending:
+            break
+        turn = turn_of(message.role, blocks, tool_names, calls, where)
+        pending = [call.id for call in turn.tool_calls]
+        result.append(turn)
+    if pending:
         raise RequestError(
-            f"params.messages: tool_use {', '.join(repr(c) for c in unanswered)} has no tool_result",
+            f"params.messages: tool_use {', '.join(repr(c) for c in pending)} has no tool_result",
             "follow every tool_use with a user message holding its tool_result",
         )
     return result
@@ -176,7 +185,7 @@ def turn_of(role: Role, blocks: Sequence[object], tool_names: set[str], calls: s
         elif isinstance(block, types.ToolUseContent):
             if role != "assistant":
                 raise RequestError(f"{where}: tool_use content belongs in an assistant message", "move it")
-            if block.name not in tool_names:
+            if tool_names and block.name not in tool_names:  # without tools, history is only history
                 raise RequestError(
                     f"{where}: tool_use names '{block.name}', which params.tools does not offer",
                     f"offer the tool in params.tools (offered: {', '.join(sorted(tool_names)) or 'none'})",

@@ -211,7 +211,7 @@ def select(
         else:
             capable = [r for r in ranking if preferred <= set(r.model.capabilities)]
             why = f" ({'; '.join(f'{r.model.id}: {r.excluded}' for r in capable)})" if capable else ""
-            notes.append(f"no model with the {wanted} capability can serve{why}: the generic tool prompt is used")
+            notes.append(f"no model with the {wanted} capability can serve{why}: any model serves")
     for hint in prefs.hints:
         matches = [m for m in candidates if hint_matches(hint, m)]
         if matches:

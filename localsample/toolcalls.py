@@ -1,10 +1,10 @@
-"""Tool calls on a local model: the prompt, the grammar that keeps calls well-formed, the parse.
+"""Tool calls on a local model: the dialect of each template family, the prompt, the parse.
 
 A chat template that supports tools (its ``tools`` variable, tool-call and tool-result
 turns) is given the tools and the history in the OpenAI message shape every such template
 reads, and the model writes calls in its own family's format:
 
-- hermes (Qwen2.5, Qwen3, Hermes 2/3, SmolLM3):
+- hermes (Qwen2.5, Qwen3, QwQ, Hermes 2/3):
   ``<tool_call>{"name": …, "arguments": {…}}</tool_call>``, one block per call;
 - llama3 (Llama 3.1 / 3.2 / 3.3): ``{"name": …, "parameters": {…}}``;
 - mistral (Mistral Nemo and other ``[TOOL_CALLS][…]`` templates):
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -250,7 +251,7 @@ def split_answer(text: str, request: GenerationRequest, dialect: Dialect) -> tup
     """
     if not request.offers_tools:
         return text, []
-    start = text.find(dialect.trigger)
+    start = _calls_start(text, dialect)
     if start < 0:
         if request.tool_choice == "required":  # the grammar starts with the trigger
             raise _truncated(request)
@@ -269,16 +270,25 @@ def split_answer(text: str, request: GenerationRequest, dialect: Dialect) -> tup
     return text[:start].strip(), result
 
 
+BARE_CALL = re.compile(r'\{\s*"name"\s*:')
+"""Where a call starts in a dialect without an opener (the grammar may write ``{ "name"``)."""
+
+
+def _calls_start(text: str, dialect: Dialect) -> int:
+    if dialect.opener:
+        return text.find(dialect.opener)
+    found = BARE_CALL.search(text)
+    return found.start() if found else -1
+
+
 def _parse_calls(text: str, dialect: Dialect) -> list[tuple[str, dict[str, Any]]]:
     """Every complete call in ``text`` (which starts at the first call)."""
+    if dialect.listed:
+        return _parse_list(text, dialect)
     decoder = json.JSONDecoder()
     found: list[tuple[str, dict[str, Any]]] = []
     pos = 0
     try:
-        if dialect.listed:
-            pos = len(dialect.opener)
-            items, _ = decoder.raw_decode(text, pos)
-            return [(i["name"], i[dialect.args_key]) for i in items]
         while True:
             if dialect.opener:
                 if not text.startswith(dialect.opener, pos):
@@ -294,6 +304,27 @@ def _parse_calls(text: str, dialect: Dialect) -> list[tuple[str, dict[str, Any]]
             found.append((item["name"], item[dialect.args_key]))
             if not dialect.opener:
                 break
+    except (ValueError, KeyError, TypeError):
+        pass  # an unfinished call (maxTokens): the complete ones before it stand
+    return found
+
+
+def _parse_list(text: str, dialect: Dialect) -> list[tuple[str, dict[str, Any]]]:
+    """``OPENER[{call}, {call}, …]``, item by item: a list cut short keeps its complete calls."""
+    decoder = json.JSONDecoder()
+    found: list[tuple[str, dict[str, Any]]] = []
+    pos = _skip_space(text, len(dialect.opener))
+    if not text.startswith("[", pos):
+        return found
+    pos += 1
+    try:
+        while True:
+            item, pos = decoder.raw_decode(text, _skip_space(text, pos))
+            found.append((item["name"], item[dialect.args_key]))
+            pos = _skip_space(text, pos)
+            if not text.startswith(",", pos):
+                break
+            pos += 1
     except (ValueError, KeyError, TypeError):
         pass  # an unfinished call (maxTokens): the complete ones before it stand
     return found

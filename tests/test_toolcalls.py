@@ -23,7 +23,7 @@ from localsample.constrained import GrammarSampler
 from localsample.engine import Engine
 from localsample.errors import RequestError
 from localsample.generation import ChatMessage, GenerationRequest, ToolCall, ToolSpec
-from localsample.grammar import calls_grammar
+from localsample.grammar import calls_grammar, schema_grammar
 from localsample.toolcalls import (
     GENERIC,
     HERMES,
@@ -177,3 +177,39 @@ def test_a_schema_the_grammar_cannot_express_is_a_request_error() -> None:
     bad = ToolSpec("t", "", {"type": "object", "properties": {"x": {"$ref": "https://example.com/s.json"}}})
     with pytest.raises(RequestError, match=r"params.tools\[0\].inputSchema"):
         calls_grammar([bad], GENERIC)
+
+
+def test_two_tools_with_same_named_definitions_get_their_own_rules() -> None:
+    def item_tool(name: str, field: str) -> ToolSpec:
+        item = {"type": "object", "properties": {field: {"type": "integer"}}, "required": [field]}
+        return ToolSpec(
+            name, "", {"type": "object", "$defs": {"Item": item}, "properties": {"i": {"$ref": "#/$defs/Item"}}}
+        )
+
+    grammar = calls_grammar([item_tool("a", "x"), item_tool("b", "y")], GENERIC)
+    assert '"\\"x\\""' in grammar and '"\\"y\\""' in grammar  # both shapes survive
+
+
+def test_bounds_the_converter_leaves_out_are_in_the_grammar() -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "day": {"type": "integer", "minimum": 1, "maximum": 31},
+            "pick": {"type": "integer", "minimum": 1, "maximum": 3, "enum": [2]},
+            "json_char": {"type": "string"},
+        },
+    }
+    grammar = schema_grammar(schema, "x", max_string=20)
+    assert '"31"' in grammar and '"32"' not in grammar
+    assert 'pick ::= "2"' in grammar  # an enum is not widened to its bounds
+    assert "ls-json-char{0,20}" in grammar  # a default length, and no clash with a property's rule name
+
+
+def test_calls_parse_as_each_grammar_may_write_them() -> None:
+    request = GenerationRequest([ChatMessage("user", "?")], max_tokens=9, tools=[WEATHER], tool_choice="required")
+    arguments = {"city": "Oslo", "unit": "celsius"}
+    _, calls = split_answer('{ "name": "get_weather", "parameters": ' + json.dumps(arguments) + "}", request, LLAMA3)
+    assert [c.arguments for c in calls] == [arguments]
+    cut = '[TOOL_CALLS][{"name": "get_weather", "arguments": ' + json.dumps(arguments) + '}, {"name": "get_w'
+    _, calls = split_answer(cut, request, MISTRAL)  # the complete call of a list cut short stands
+    assert [c.arguments for c in calls] == [arguments]

@@ -102,6 +102,16 @@ def audit(tmp_path: Path) -> list[dict[str, Any]]:
         ),
         (params(text("user", "hi"), use("a", name="nope"), result("a"), tools=[WEATHER]), "names 'nope', which"),
         (params(text("user", "hi"), use("a"), tools=[WEATHER]), "tool_use 'a' has no tool_result"),
+        (params(text("user", "hi"), use("a"), text("user", "and?"), tools=[WEATHER]), "'a' has no tool_result"),
+        (
+            params(
+                text("user", "hi"),
+                use("a"),
+                {"role": "user", "content": [result("a")["content"][0], result("a")["content"][0]]},
+                tools=[WEATHER],
+            ),
+            "answers tool_use ['a', 'a']; the message before it made ['a']",
+        ),
         (params(tools=[{"name": "", "inputSchema": {"type": "object"}}]), "params.tools[0].name is empty"),
         (params(tools=[WEATHER, WEATHER]), "params.tools[1].name 'get_weather' is offered twice"),
         (params(toolChoice={"mode": "required"}), 'toolChoice.mode is "required" but params.tools is empty'),
@@ -194,7 +204,8 @@ def test_a_request_with_tools_prefers_a_model_with_the_tools_capability(tmp_path
     if tools_model:
         assert choice.model.id == "gemma3-270m" and "tools capability preferred" in choice.reason
     else:
-        assert choice.model.id == "smollm2-135m-instruct" and "generic tool prompt" in choice.reason
+        assert choice.model.id == "smollm2-135m-instruct"
+        assert "no model with the tools capability can serve" in choice.reason
     no_call = GenerationRequest([ChatMessage("user", "hi")], max_tokens=8, tools=[tool], tool_choice="none")
     assert rt.select(needs=needs_of(no_call), server="s").model.id == "smollm2-135m-instruct"  # the default
     rt.close()
