@@ -47,7 +47,8 @@ PLACEHOLDER = "__localsample_number_{}__"
 class Bounds:
     """What the grammar adds to a schema so that every answer is valid and finishes.
 
-    - Bounded ``integer`` and ``number`` schemas, which llama-cpp-python's converter leaves
+    - ``enum`` and ``const`` values (the converter writes a backslash or quote in one into
+      a broken literal), and bounded ``integer`` and ``number`` schemas, which llama-cpp-python's converter leaves
       unbounded: each is swapped for a placeholder constant before conversion and its
       placeholder for a rule of our own after. Handled: integer bounds spanning at most
       MAX_ENUMERATED_RANGE (numbers: from 0 up), and ``minimum`` 0 or 1 alone; any other
@@ -76,7 +77,12 @@ class Bounds:
         return {key: self.replace(value) for key, value in schema.items()}
 
     def _rule(self, schema: dict[str, Any]) -> str | None:
-        if schema.get("type") == "string" and not set(schema) & {"enum", "const", "pattern", "format"}:
+        if "const" in schema or "enum" in schema:  # spelled here: the converter does not escape "\\"
+            values = [schema["const"]] if "const" in schema else schema["enum"]
+            if isinstance(values, list) and values:
+                return " | ".join(gbnf_literal(json.dumps(value)) for value in values)
+            return None
+        if schema.get("type") == "string" and not set(schema) & {"pattern", "format"}:
             shortest = int(schema.get("minLength", 0))
             longest = min(int(schema.get("maxLength", self.max_string)), MAX_STRING)
             if longest < shortest:
@@ -113,6 +119,12 @@ class Bounds:
             literal = json.dumps(json.dumps(PLACEHOLDER.format(index)))  # as the converter writes a const
             grammar = grammar.replace(literal, name)
         return grammar + "".join(f"\n{name} ::= {rule}" for rule, name in self.rules.items())
+
+
+def gbnf_literal(text: str) -> str:
+    """``text`` as a GBNF string literal."""
+    escapes = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+    return '"' + "".join(escapes.get(char, char) for char in text) + '"'
 
 
 def scoped(schema: Any, prefix: str) -> Any:
@@ -189,7 +201,7 @@ def calls_grammar(tools: Sequence[ToolSpec], dialect: Dialect, max_string: int =
             schema = converter.resolve_refs(schema, where)
         except Exception as exc:
             raise RequestError(f"{where}: {exc}", "use only local $refs (#/...) in the schema") from None
-        properties = {"name": {"const": tool.name}, dialect.args_key: schema}
+        properties = {"name": numbers.replace({"const": tool.name}), dialect.args_key: schema}
         if dialect.listed:  # Mistral's calls may carry their 9-character id
             properties["id"] = {"type": "string", "pattern": "^[a-zA-Z0-9]{9}$"}
         alternatives.append(

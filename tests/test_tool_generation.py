@@ -190,3 +190,13 @@ async def test_tool_requests_batch_with_plain_ones_without_changing_them(engine:
     together = await asyncio.gather(engine.generate(plain), engine.generate(ask("Tag: pasta", [tool])))
     assert together[0].text == alone.text
     assert_valid(together[1], [tool])
+
+
+async def test_enum_values_and_names_with_backslashes_and_quotes(engine: Engine) -> None:
+    values = ["C:\\Users\\ada", 'say "hi"', "plain"]
+    tool = ToolSpec(
+        'open\\"file"', "Open one of the files.", {"type": "object", "properties": {"path": {"enum": values}}}
+    )
+    completion = await engine.generate(ask("Open the first file.", [tool]))
+    assert completion.tool_calls and all(c.name == tool.name for c in completion.tool_calls)
+    assert all(c.arguments.get("path", values[0]) in values for c in completion.tool_calls)
