@@ -1,8 +1,10 @@
-"""Asking a human: at the terminal (`call`, `sample`) or through the host (`serve`).
+"""Asking a human: at the terminal (`call`, `sample`, `run`) or through the host (`serve`).
 
 The terminal approver shows the request on stderr and reads the answer from stdin (the
 terminal): approve, edit the prompt or parameters, or reject with a reason; with
 ``review_response`` it shows the response and lets the human send, edit or reject it.
+For `run` it also asks before a tool call the model made runs (yes, no with a reason the
+model is told, or always for that tool).
 The elicitation approver asks the host's user with an MCP elicitation form, when the
 host supports elicitation.
 """
@@ -19,7 +21,8 @@ from typing import Any, TypeVar
 from mcp import types
 from mcp.server.session import ServerSession
 
-from localsample.policy import Decision, Pending, edited
+from localsample.generation import ToolCall
+from localsample.policy import Decision, Pending, call_line, edited
 
 T = TypeVar("T")
 TERMINAL = "user at the terminal"
@@ -97,6 +100,18 @@ class TerminalApprover:
             if answer in ("e", "edit"):
                 return self._read("New response (one line): ")
 
+    def _ask_tool(self, server: str, call: ToolCall) -> Decision:
+        self.out.write(f"\nThe model wants to run a tool of server '{server}':\n  {call_line(call)}\n")
+        while True:
+            answer = self._read("Run it? [y]es / [n]o / [a]lways (this tool, this session): ").lower()
+            if answer in ("y", "yes"):
+                return Decision(True, TERMINAL, "approved", human=True)
+            if answer in ("a", "always"):
+                return Decision(True, TERMINAL, "always", human=True)
+            if answer in ("n", "no"):
+                reason = self._read("Reason, for the model (optional): ") or "no reason given"
+                return Decision(False, TERMINAL, reason, human=True)
+
     def _one_at_a_time(self, ask: Callable[[], T]) -> T:
         with self._turn:
             return ask()
@@ -106,6 +121,11 @@ class TerminalApprover:
 
     async def review(self, pending: Pending, text: str) -> str | None:
         return await in_daemon_thread(lambda: self._one_at_a_time(lambda: self._review(text)))
+
+    async def approve_tool(self, server: str, call: ToolCall) -> Decision:
+        """Ask whether the agent may run ``call`` on ``server`` (``reason`` "always": and
+        this tool from now on, for this session)."""
+        return await in_daemon_thread(lambda: self._one_at_a_time(lambda: self._ask_tool(server, call)))
 
 
 APPROVAL_SCHEMA: dict[str, Any] = {

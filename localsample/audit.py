@@ -9,6 +9,12 @@ error) and ``by``
 (the names of the tools the model called, never their arguments) and ``error``; with
 ``audit_text = true`` also ``system``, ``messages`` and ``response`` (with the calls).
 
+``origin`` says which front end the request came through when it is not a server's own
+sampling request: ``run`` for the agent's model steps (server ``run``) and for sampling its
+servers ask for during a run. The agent also writes one line per tool call it makes:
+``server`` (the tool's), ``origin`` ``run``, ``tool``, ``decision`` and ``by`` (approval),
+``is_error`` and ``duration``; with ``audit_text`` also ``arguments`` and ``result``.
+
 The file is created with mode 0600, in a 0700 directory. When a line would take it past ``audit_max_bytes`` it
 is rotated: ``audit.jsonl`` → ``audit.jsonl.1`` → … → ``audit.jsonl.N`` (``audit_backups``),
 the oldest dropped, so the trail never takes more than (N + 1) x ``audit_max_bytes``.
@@ -42,6 +48,9 @@ class AuditRecord:
     server: str
     request_id: str
     protocol: str | None = None
+    origin: str | None = None
+    tool: str | None = None  # set on the line of a tool call the agent made
+    is_error: bool | None = None
     decision: AuditDecision | None = None
     by: str | None = None
     model: str | None = None
@@ -57,6 +66,8 @@ class AuditRecord:
     system: str | None = None
     messages: list[list[str]] | None = None
     response: str | None = None
+    arguments: str | None = None
+    result: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The record as written: fields that were never set are left out."""
@@ -128,7 +139,8 @@ class AuditLog:
         return list(deque(self.records(), maxlen=count))
 
     def stats(self) -> dict[str, dict[str, Any]]:
-        """Per server: requests, by decision, tokens, mean duration, models used."""
+        """Per server: requests, by decision, tokens, mean duration, models used, and the
+        tool calls `run` made on it."""
         result: dict[str, dict[str, Any]] = {}
         for record in self.records():
             entry = result.setdefault(
@@ -140,8 +152,12 @@ class AuditLog:
                     "completion_tokens": 0,
                     "seconds": 0.0,
                     "models": Counter(),
+                    "tool_calls": 0,
                 },
             )
+            if record.get("tool"):
+                entry["tool_calls"] += 1
+                continue
             entry["requests"] += 1
             entry["decisions"][record.get("decision", "?")] += 1
             entry["prompt_tokens"] += record.get("prompt_tokens") or 0

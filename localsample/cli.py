@@ -25,12 +25,14 @@ from localsample.cli_common import (
     end_line,
     make_runtime,
     output,
+    parse_env,
     print_json,
     run_async,
     stream_text,
 )
 from localsample.cli_models import models_app
 from localsample.cli_ops import doctor_command, ps_command
+from localsample.cli_run import run_command
 from localsample.client import NO_BACK_CHANNEL, ServerSpec, call_tool, tool_result_text
 from localsample.errors import ServerError, ServerSpecError
 from localsample.generation import ChatMessage, Completion, GenerationRequest
@@ -122,17 +124,6 @@ def sample(
             )
 
     run_async(go)
-
-
-def parse_env(pairs: list[str] | None) -> dict[str, str]:
-    """``--env KEY=VALUE`` options as a mapping."""
-    env: dict[str, str] = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ServerSpecError(f"--env {pair!r} is not KEY=VALUE", "write e.g. --env API_KEY=abc")
-        env[key] = value
-    return env
 
 
 def terminal_echo(quiet: bool) -> Echo | None:
@@ -288,6 +279,7 @@ def config(as_json: JsonOption = False) -> None:
 # After the commands above, so that help lists them first.
 app.add_typer(models_app, name="models")
 app.add_typer(audit_app, name="audit")
+app.command("run")(run_command)
 app.command("ps")(ps_command)
 app.command("doctor")(doctor_command)
 

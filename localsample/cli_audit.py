@@ -40,6 +40,8 @@ def tail_command(
         took = f"{r['duration']:.2f}s" if r.get("duration") is not None else "-"
         outcome = r.get("decision", "?") + (f" by {r['by']}" if r.get("by") else "")
         line = f"{r.get('time', '?')[:19]}  {r.get('server')}  {r.get('model') or '-'}  {outcome}  {tokens}  {took}"
+        if r.get("tool"):
+            line += f"  tool {r['tool']}" + (" (error)" if r.get("is_error") else "")
         if r.get("stop_reason"):
             line += f"  {r['stop_reason']}"
         if r.get("error"):
@@ -63,6 +65,7 @@ def stats_command(as_json: JsonOption = False) -> None:
             lines.append(
                 f"{server}: {s['requests']} requests ({decisions}); {s['prompt_tokens']} prompt + "
                 f"{s['completion_tokens']} generated tokens; {s['seconds']:.1f}s; models: {models}"
+                + (f"; {s['tool_calls']} tool calls by `run`" if s["tool_calls"] else "")
             )
         return lines
 

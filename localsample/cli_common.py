@@ -22,7 +22,7 @@ import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from localsample.client import first_cause
-from localsample.errors import LocalsampleError
+from localsample.errors import LocalsampleError, ServerSpecError
 from localsample.runtime import Runtime
 from localsample.settings import Settings, load_settings
 
@@ -143,6 +143,17 @@ def run_async(func: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run a coroutine function on a fresh event loop; its errors, even inside exception
     groups, reach :class:`ErrorBoundary`."""
     return anyio.run(func)
+
+
+def parse_env(pairs: list[str] | None) -> dict[str, str]:
+    """``--env KEY=VALUE`` options as a mapping."""
+    env: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ServerSpecError(f"--env {pair!r} is not KEY=VALUE", "write e.g. --env API_KEY=abc")
+        env[key] = value
+    return env
 
 
 def print_json(data: object) -> None:

@@ -1,8 +1,9 @@
 """A downstream server as `serve` keeps it, and helpers for what its servers list.
 
 ``Downstream`` holds one server's connection while it lasts and why it is not available;
-``all_pages`` reads a paginated listing (bounded); ``merged`` keeps old routes routable;
-``headline`` puts a multi-line problem on one log line.
+``all_pages`` reads a paginated listing (bounded); ``exposed_names`` names the tools of
+several servers without collisions (`serve` and `run` alike); ``merged`` keeps old routes
+routable; ``headline`` puts a multi-line problem on one log line.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from localsample.client import ServerSpec
 from localsample.errors import INTERNAL_ERROR, ServerError
 
 T = TypeVar("T")
+
+SEPARATOR = "__"
+"""Between a server's name and a tool (or prompt) name that another server also uses."""
 
 
 class Downstream:
@@ -83,6 +87,15 @@ async def all_pages(fetch: Callable[[str | None], Awaitable[Any]], items: str) -
         if not cursor:
             break
     return found
+
+
+def exposed_names(listed: list[tuple[str, str]]) -> list[str]:
+    """The names to show for ``(server, name)`` pairs: a name only one server uses stays as
+    it is; one that several use becomes ``SERVER__NAME`` for each of them."""
+    counts: dict[str, int] = {}
+    for _, name in listed:
+        counts[name] = counts.get(name, 0) + 1
+    return [name if counts[name] == 1 else f"{server}{SEPARATOR}{name}" for server, name in listed]
 
 
 def headline(problem: str) -> str:

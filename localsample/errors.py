@@ -176,6 +176,11 @@ class ServerSpecError(ServerError):
     """A --server value that cannot be parsed."""
 
 
+class AgentError(LocalsampleError):
+    """`run` could not finish: the step limit was reached, a saved conversation cannot be
+    read, or the tools asked for do not exist."""
+
+
 def is_connection_closed(code: int, message: str) -> bool:
     """Whether an MCP error (its code and message) means the peer's connection is gone.
 

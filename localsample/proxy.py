@@ -41,7 +41,7 @@ from mcp.shared.exceptions import MCPError
 from localsample import __version__
 from localsample.approval import ElicitationApprover
 from localsample.client import ServerSpec, connect_error, first_cause, make_client, mcp_error_kind
-from localsample.downstream import Downstream, all_pages, headline, merged
+from localsample.downstream import Downstream, all_pages, exposed_names, headline, merged
 from localsample.errors import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
@@ -56,7 +56,6 @@ from localsample.sampling import SamplingHandler
 
 log = logging.getLogger(__name__)
 
-SEPARATOR = "__"
 REAP_INTERVAL = 5.0
 """Seconds between checks for idle models whose keep-alive has run out."""
 CONNECT_GRACE = 2.0
@@ -350,14 +349,8 @@ class Proxy:
     async def _named(self, kind: str) -> dict[str, tuple[Downstream, Any]]:
         """Tools or prompts of every server, colliding names prefixed with the server name."""
         listed = await self._gather(kind, f"list_{kind}", kind)
-        counts: dict[str, int] = {}
-        for _, item in listed:
-            counts[item.name] = counts.get(item.name, 0) + 1
-        exposed: dict[str, tuple[Downstream, Any]] = {}
-        for down, item in listed:
-            name = item.name if counts[item.name] == 1 else f"{down.name}{SEPARATOR}{item.name}"
-            exposed[name] = (down, item)
-        return exposed
+        names = exposed_names([(down.name, item.name) for down, item in listed])
+        return dict(zip(names, listed, strict=True))
 
     async def list_tools(self, ctx: Ctx, params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
         self._seen(ctx)

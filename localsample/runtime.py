@@ -42,12 +42,14 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Origin:
-    """Who asks: the server name (its settings decide policy), the request's id, and the
-    protocol version it came over (for the audit trail)."""
+    """Who asks: the server name (its settings decide policy), the request's id, the
+    protocol version it came over, and the front end it came through when that is not
+    `serve` or `call` (``run``): all for the audit trail."""
 
     server: str
     request_id: str
     protocol: str | None = None
+    via: str | None = None
 
 
 @dataclass(frozen=True)
@@ -178,13 +180,16 @@ class Runtime:
         model: str | None = None,
         ask: Asker | None = None,
         on_text: OnText | None = None,
+        choice: Choice | None = None,
     ) -> Answer:
         """Select, check limits, ask approval, generate, review; one audit record whatever
-        happens. ``model`` names a catalog id or alias explicitly; ``ask`` is the way to
+        happens. ``model`` names a catalog id or alias explicitly, ``choice`` a selection
+        made before (the agent keeps one model for a conversation); ``ask`` is the way to
         ask a person in the caller's context (used when the server's settings say so)."""
-        record = AuditRecord(origin.server, origin.request_id, origin.protocol)
+        record = AuditRecord(origin.server, origin.request_id, origin.protocol, origin=origin.via)
         try:
-            answer = await self._answer(request, origin, prefs or Preferences(), model, ask, on_text, record)
+            chosen = choice or self.select(model=model, needs=needs_of(request), prefs=prefs, server=origin.server)
+            answer = await self._answer(request, origin, chosen, ask, on_text, record)
             record.decision = record.decision or "approved"
             return answer
         except LocalsampleError as exc:
@@ -203,15 +208,13 @@ class Runtime:
         self,
         request: GenerationRequest,
         origin: Origin,
-        prefs: Preferences,
-        model: str | None,
+        choice: Choice,
         ask: Asker | None,
         on_text: OnText | None,
         record: AuditRecord,
     ) -> Answer:
         started = time.perf_counter()
         server = origin.server
-        choice = self.select(model=model, needs=needs_of(request), prefs=prefs, server=server)
         record.model, record.reason = choice.model.id, choice.reason
         request = self.limits.check(server, request)
         pending = Pending(server, choice.model.id, choice.reason, request)

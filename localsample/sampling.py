@@ -72,23 +72,30 @@ class SamplingHandler:
     """
 
     def __init__(
-        self, runtime: Runtime, *, server: str = "server", echo: Echo | None = None, ask: Asker | None = None
+        self,
+        runtime: Runtime,
+        *,
+        server: str = "server",
+        echo: Echo | None = None,
+        ask: Asker | None = None,
+        via: str | None = None,
     ) -> None:
         self.runtime = runtime
         self.server = server
         self.echo = echo
         self.ask = ask
+        self.via = via
 
     async def __call__(
         self, context: ClientRequestContext, params: types.CreateMessageRequestParams
     ) -> types.CreateMessageResult | types.CreateMessageResultWithTools | types.ErrorData:
         ctx = context
-        origin = Origin(self.server, str(ctx.request_id), getattr(ctx.session, "protocol_version", None))
+        origin = Origin(self.server, str(ctx.request_id), getattr(ctx.session, "protocol_version", None), self.via)
         try:
             request = to_generation_request(params)
             prefs = preferences_of(params)
         except LocalsampleError as exc:
-            refused = AuditRecord(origin.server, origin.request_id, origin.protocol)
+            refused = AuditRecord(origin.server, origin.request_id, origin.protocol, origin=origin.via)
             refused.decision, refused.error = "error", exc.one_line()
             self.runtime.record(refused)
             return self._error(ctx.request_id, exc)

@@ -91,6 +91,14 @@ class ServerSettings(BaseModel):
     over_max_tokens: Literal["clamp", "reject"] = Field("clamp", description="what to do with a request over the cap")
     requests_per_minute: int | None = Field(None, ge=1, description="sampling requests per rolling minute")
     tokens_per_minute: int | None = Field(None, ge=1, description="generated tokens per rolling minute")
+    approve_tools: Literal["auto", "ask", "deny"] | None = Field(
+        None,
+        description="`run`: who approves the model's calls of its tools (default: ask on a terminal, else deny)",
+    )
+    auto_tools: list[str] = Field(
+        default_factory=list, description='`run`: tools that run without asking, by name or glob ("read_*")'
+    )
+    tool_timeout: float = Field(300.0, gt=0, description="`run`: seconds a tool call may take before it is cancelled")
 
 
 class Settings(BaseSettings):
@@ -132,6 +140,9 @@ class Settings(BaseSettings):
     )
     queue_timeout: float = Field(
         60.0, gt=0, description="seconds a request may wait for a free slot before it gets 'busy, retry later'"
+    )
+    tool_result_share: float = Field(
+        0.25, gt=0, le=1, description="`run`: most of the model's context one tool result may fill (the rest is cut)"
     )
     audit: bool = Field(True, description="write one JSON line per sampling request to log_dir/audit.jsonl")
     audit_text: bool = Field(False, description="include prompt and response text in the audit trail")
