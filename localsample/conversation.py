@@ -7,7 +7,8 @@ characters a token, which overestimates for prose), and checked exactly by the e
   with a note to the model that it was cut;
 - when the turns (plus the tools offered and the step's ``max_tokens``) would not fit,
   the oldest are dropped first, whole exchanges at a time (a call and its results stay
-  together), never the latest user message or what came after it; one log line says so.
+  together), never the latest user message or the latest exchange, and the turns kept
+  start with a user message; one log line says so.
 
 A saved conversation is one JSON object (``version``, ``system``, ``model``, ``messages``)
 written with mode 0600: it holds prompts and tool results.
@@ -89,8 +90,8 @@ class Conversation:
         """Drop the oldest exchanges until the turns fit ``budget`` tokens (estimated), and
         at least ``at_least`` of them; returns how many messages were dropped.
 
-        The latest user message and everything after it are never dropped, nor the latest
-        exchange (the model needs it to go on).
+        The latest user message (the task) is never dropped, nor the latest exchange (the
+        model needs it to go on); older turns go first, then the task's older exchanges.
         """
         units = self.exchanges()
         last_user = max((i for i, u in enumerate(units) if u[0].role == "user"), default=0)
@@ -98,7 +99,9 @@ class Conversation:
         dropped: set[int] = set()
         for index in droppable:
             kept = [m for i, u in enumerate(units) if i not in dropped for m in u]
-            if len(dropped) >= at_least and self.estimate(kept) <= budget:
+            # A conversation starts with a user turn (templates insist): an answer whose
+            # question was dropped goes too.
+            if len(dropped) >= at_least and self.estimate(kept) <= budget and kept[0].role == "user":
                 break
             dropped.add(index)
         if not dropped:
