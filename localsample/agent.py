@@ -62,7 +62,8 @@ class AgentOptions:
 
 @dataclass
 class CallRecord:
-    """One tool call of a step, as the transcript shows it."""
+    """One tool call of a step, as the transcript shows it (``result`` as the model read
+    it: cut when it was too long for the context)."""
 
     id: str
     name: str
@@ -202,7 +203,7 @@ class Agent:
                     call.name,
                     tool.server if tool else None,
                     dict(call.arguments),
-                    outcome.text,
+                    text,
                     outcome.is_error,
                     round(outcome.duration, 4),
                 )
