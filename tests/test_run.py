@@ -230,3 +230,25 @@ def test_old_turns_are_dropped_when_a_conversation_outgrows_the_context(model_di
     assert "context: dropped the" in proc.stderr
     step = transcript(proc)["steps"][0]
     assert step["prompt_tokens"] + 16 <= 8192
+
+
+def test_a_conversation_on_the_terminal_with_commands(model_dir: Path, tmp_path: Path) -> None:
+    saved = tmp_path / "chat.json"
+    child = spawn("-s", NOTES, "--save", str(saved), config=AUTO)
+    child.expect(r"localsample run: smollm2-135m-instruct, 5 tools\. /tools")
+    child.expect("> ")
+    child.sendline("/tools")
+    child.expect(r"read_note  \[notes\]  The whole text of one note")
+    child.sendline("/model")
+    child.expect(r"model: smollm2-135m-instruct \(")
+    child.sendline("/nonsense")
+    child.expect("unknown command /nonsense")
+    child.sendline("Hello, who are you?")
+    child.expect("> ", timeout=180)  # the reply streamed, the prompt is back
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    messages = json.loads(saved.read_text())["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant"] and messages[0]["content"] == "Hello, who are you?"
+    assert messages[1]["content"].strip()
