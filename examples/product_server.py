@@ -28,9 +28,7 @@ def ask_for_description(name: str, keywords: str = "") -> Sample:
         system_prompt="You write short, vivid product descriptions for an online shop.",
         max_tokens=120,
         temperature=0.7,
-        model_preferences=types.ModelPreferences(
-            hints=[types.ModelHint(name="claude-3-5-haiku")], speed_priority=0.8
-        ),
+        model_preferences=types.ModelPreferences(hints=[types.ModelHint(name="claude-3-5-haiku")], speed_priority=0.8),
     )
 
 

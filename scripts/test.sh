@@ -52,7 +52,7 @@ if [ "$(cat "$tpl/.version" 2>/dev/null)" != "$tpl_want" ]; then
     trap - EXIT
     echo "$tpl_want" > "$tpl/.version"
 fi
-.venv/bin/python -m ruff check localsample tests scripts
-.venv/bin/python -m ruff format --check localsample tests scripts
+.venv/bin/python -m ruff check localsample tests scripts examples
+.venv/bin/python -m ruff format --check localsample tests scripts examples
 .venv/bin/python -m mypy  # strict, over localsample, tests and scripts (pyproject.toml)
 .venv/bin/python -m pytest "$@"

@@ -64,13 +64,13 @@ def exchange(n: int, size: int = 300) -> list[ChatMessage]:
 def test_fit_drops_the_oldest_exchanges_whole_and_keeps_the_task_and_the_latest() -> None:
     old = [ChatMessage("user", "old question " * 50), ChatMessage("assistant", "old answer " * 50)]
     task = ChatMessage("user", "the task")
-    messages = old + [task] + exchange(1) + exchange(2) + exchange(3)
+    messages = [*old, task, *exchange(1), *exchange(2), *exchange(3)]
     conversation = Conversation(list(messages))
     assert conversation.fit(10_000) == 0 and conversation.messages == messages
     dropped = conversation.fit(conversation.estimate() - 150)
     assert dropped == 2 and conversation.messages == messages[2:]  # the old turns go first
     dropped = conversation.fit(0)  # cannot fit: all but the task and the latest exchange go
-    assert dropped == 4 and conversation.messages == [task] + exchange(3)
+    assert dropped == 4 and conversation.messages == [task, *exchange(3)]
     for message in conversation.messages[1:]:
         assert message.tool_calls or message.tool_call_id == "c3"  # a call keeps its result
 
