@@ -84,7 +84,6 @@ To call a tool, answer with
 and write nothing after it. The result comes back inside <tool_response></tool_response>."""
 """The system prompt section that teaches a model without tool support the call format."""
 
-REQUIRED_INSTRUCTION = "\nYou must answer with a tool call."
 
 
 # -- the prompt ---------------------------------------------------------------------------
@@ -156,9 +155,9 @@ def _generic_messages(request: GenerationRequest, offered: list[ToolSpec]) -> li
             json.dumps({"name": t.name, "description": t.description, "parameters": dict(t.input_schema)})
             for t in offered
         )
+        # The same for every toolChoice (the grammar forces a required call), so that an
+        # agent's next step, in auto, reuses the prompt cached from this one.
         section = GENERIC_INSTRUCTIONS.format(tools=listing)
-        if request.tool_choice == "required":
-            section += REQUIRED_INSTRUCTION
         system = f"{system}\n\n{section}" if system else section
     turns: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
     for m in request.messages:

@@ -21,6 +21,9 @@
 5. Resident memory with the model loaded.
 6. Tool calls: the grammar's cost in decode speed, and well-formed calls over 50 prompts
    (scripts/bench_tools.py).
+7. An agent task (`localsample run`, 3 steps with tool calls): prompt tokens each step
+   evaluates with prefix reuse vs without, and its time vs raw llama-cpp-python
+   (scripts/bench_agent.py).
 Decode under contention (other processes on the cores) is scripts/bench_contention.py.
 Each side runs in a process of its own and rounds alternate, so drift hits all alike.
 Medians over R rounds. All load the model with the catalog's settings.
@@ -59,6 +62,7 @@ from localsample.generation import ChatMessage, GenerationRequest
 from localsample.runtime import Runtime
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_agent import agent_section
 from bench_tools import tools_section
 
 
@@ -274,6 +278,7 @@ def main() -> None:
     concurrency_section(model.id, 64)
     cache_and_memory_section(model.id)
     tools_section(model)
+    agent_section(model)
 
 
 def concurrency_section(model_id: str, tokens: int, rounds: int = 3) -> None:
