@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from localsample.conversation import Conversation, tools_tokens, truncated_result
-from localsample.errors import ContextOverflowError
+from localsample.errors import ContextOverflowError, UnknownModelError
 from localsample.generation import ChatMessage, GenerationRequest, ToolCall, ToolChoice
 from localsample.runtime import Origin, Runtime
 from localsample.selection import Choice, Needs
@@ -117,8 +117,21 @@ class Agent:
         self.view = view
         self.run_id = run_id
         self.turns = 0
-        self.choice = self.select(options.model or self.conversation.model)
+        self.choice = self.first_choice(options.model)
         self.conversation.model = self.choice.model.id
+
+    def first_choice(self, model: str | None) -> Choice:
+        """``model`` if named; else the model a resumed conversation used, if the catalog
+        still has it; else the selection's pick."""
+        if model is None and self.conversation.model is not None:
+            try:
+                return self.select(self.conversation.model)
+            except UnknownModelError:
+                log.warning(
+                    "the saved conversation's model '%s' is not in the catalog: choosing another",
+                    self.conversation.model,
+                )
+        return self.select(model)
 
     def select(self, model: str | None) -> Choice:
         """The model for the conversation: ``model`` if named, else the selection's pick
@@ -170,7 +183,11 @@ class Agent:
             shows_text = self.view is not None and request.tool_choice != "required"
             try:
                 answer = await self.runtime.answer(
-                    request, origin, choice=self.choice, on_text=self.view.text if shows_text and self.view else None
+                    request,
+                    origin,
+                    choice=self.choice,
+                    ask=self.toolbox.ask,  # for `approve = "ask"` in [servers.run]
+                    on_text=self.view.text if shows_text and self.view else None,
                 )
                 break
             except ContextOverflowError:
@@ -187,7 +204,8 @@ class Agent:
             round(completion.time_to_first_token, 4),
             round(completion.duration, 4),
         )
-        share = self.runtime.settings.tool_result_share
+        # The step's results together stay within the share (each call gets its part).
+        share = self.runtime.settings.tool_result_share / max(len(completion.tool_calls), 1)
         for number, call in enumerate(completion.tool_calls, 1):
             tool = self.toolbox.tools.get(call.name)
             if self.view is not None:

@@ -13,6 +13,7 @@ conversation after every reply; ``--resume FILE`` goes on from one.
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import sys
 from collections.abc import Awaitable
@@ -37,14 +38,16 @@ from localsample.cli_common import (
 )
 from localsample.client import ServerSpec
 from localsample.conversation import Conversation
-from localsample.errors import AgentError
+from localsample.errors import AgentError, LocalsampleError
 from localsample.generation import ToolCall
 from localsample.policy import call_line
 from localsample.toolbox import AgentTool, Toolbox, ToolOutcome, run_id
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 RESULT_PREVIEW = 100
 """Characters of a tool's result shown on its line."""
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 CHAT_HELP = "/tools: list the tools; /model [ID]: show or switch the model; /exit (or Ctrl-D): leave"
 
 
@@ -73,9 +76,14 @@ class TerminalView:
         self._line(f"-> {call_line(call)}{where}")
 
     def called(self, call: ToolCall, outcome: ToolOutcome) -> None:
-        text = " ".join(outcome.text.split())
+        text = printable(" ".join(outcome.text.split()))
         short = text if len(text) <= RESULT_PREVIEW else text[: RESULT_PREVIEW - 3] + "..."
         self._line(f"{'x' if outcome.is_error else '<-'} {call.name}: {short} ({outcome.duration:.2f}s)")
+
+
+def printable(text: str) -> str:
+    """``text`` without control characters (a server's text must not drive the terminal)."""
+    return CONTROL.sub("?", text)
 
 
 def transcript(agent: Agent, result: TurnResult) -> dict[str, Any]:
@@ -137,6 +145,8 @@ def run_command(
             'give the task as an argument: localsample run --server ... "TASK"',
         )
     specs = [ServerSpec.parse(value, env=parse_env(env), cwd=cwd, protocol=protocol) for value in server]
+    if save is not None and not save.parent.is_dir():
+        raise AgentError(f"--save {save}: the directory {save.parent} does not exist", "create it, or save elsewhere")
     conversation = Conversation.load(resume) if resume else Conversation()
     if system is not None:
         conversation.system = system
@@ -207,14 +217,24 @@ class Session:
         self.interrupted = False
 
     def save_now(self) -> None:
-        if self.save is not None:
+        """Save the conversation (with --save); a failure is logged, never fatal."""
+        if self.save is None:
+            return
+        try:
             self.conversation.save(self.save)
+        except OSError as exc:
+            log.error("the conversation was not saved to %s: %s", self.save, exc)
 
     async def turn(self, text: str, *, ends_run: bool) -> TurnResult | None:
-        """One task or message; on Ctrl-C (None) the conversation is as it was before it."""
+        """One task or message; on Ctrl-C (None) or an error the conversation is as it was
+        before it."""
         assert self.agent is not None
         before = list(self.conversation.messages)
-        result = await self.interruptible(self.agent.turn(text), ends_run=ends_run)
+        try:
+            result = await self.interruptible(self.agent.turn(text), ends_run=ends_run)
+        except BaseException:
+            self.conversation.messages[:] = before
+            raise
         if result is None:
             self.conversation.messages[:] = before
         return result
@@ -250,34 +270,45 @@ class Session:
         sys.stderr.write(f"localsample run: {agent.choice.model.id}, {len(agent.toolbox.tools)} tools. {CHAT_HELP}\n")
         while not self.interrupted:
             line = await self.interruptible(in_daemon_thread(lambda: read_line("> ")))
-            if line is None:
+            text = (line or "").strip()
+            if line is None or text in ("/exit", "/quit"):
                 return
-            text = line.strip()
-            if text in ("/exit", "/quit"):
-                return
-            if text == "/tools":
-                for tool in agent.toolbox.tools.values():
-                    first = tool.description.strip().splitlines()[0] if tool.description.strip() else ""
-                    sys.stderr.write(f"  {tool.name}  [{tool.server}]  {first}\n")
-                continue
-            if text.startswith("/model"):
-                name = text.removeprefix("/model").strip()
-                if name:
-                    agent.use_model(name)
-                sys.stderr.write(f"  model: {agent.choice.model.id} ({agent.choice.reason})\n")
-                continue
             if text.startswith("/"):
-                sys.stderr.write(f"  unknown command {text.split()[0]}; {CHAT_HELP}\n")
-                continue
-            if not text:
-                continue
+                self.command(agent, text)
+            elif text:
+                await self.reply(agent, text)
+
+    def command(self, agent: Agent, text: str) -> None:
+        """``/tools``, ``/model [ID]``; anything else gets the help line."""
+        name, _, rest = text.partition(" ")
+        if name == "/tools":
+            for tool in agent.toolbox.tools.values():
+                first = tool.description.strip().splitlines()[0] if tool.description.strip() else ""
+                sys.stderr.write(f"  {tool.name}  [{tool.server}]  {printable(first)}\n")
+        elif name == "/model":
+            try:
+                if rest.strip():
+                    agent.use_model(rest.strip())
+                sys.stderr.write(f"  model: {agent.choice.model.id} ({agent.choice.reason})\n")
+            except LocalsampleError as exc:
+                sys.stderr.write(f"  error: {exc}\n")
+        else:
+            sys.stderr.write(f"  unknown command {name}; {CHAT_HELP}\n")
+
+    async def reply(self, agent: Agent, text: str) -> None:
+        """One message and the model's reply; a failure is shown and the conversation goes on."""
+        try:
             result = await self.turn(text, ends_run=False)
+        except LocalsampleError as exc:
             end_line(sys.stdout)
-            if result is None:
-                sys.stderr.write("  (reply cancelled; the conversation is as it was before your message)\n")
-            elif result.finish == "max_steps":
-                sys.stderr.write("  (stopped at --max-steps without an answer; send a message to go on)\n")
-            self.save_now()
+            sys.stderr.write(f"  error: {exc}\n")
+            return
+        end_line(sys.stdout)
+        if result is None:
+            sys.stderr.write("  (reply cancelled; the conversation is as it was before your message)\n")
+        elif result.finish == "max_steps":
+            sys.stderr.write("  (stopped at --max-steps without an answer; send a message to go on)\n")
+        self.save_now()
 
 
 def read_line(prompt: str) -> str | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,14 +27,12 @@ from typing import Any
 
 from localsample.errors import AgentError
 from localsample.generation import ChatMessage, ToolCall, ToolSpec
-from localsample.selection import estimate_tokens
+from localsample.selection import CHARS_PER_TOKEN, estimate_tokens
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 ROLES = ("user", "assistant", "tool")
-CHARS_PER_TOKEN = 3
-"""The estimate's characters a token (selection.estimate_tokens uses the same)."""
 
 
 def truncated_result(text: str, n_ctx: int, share: float) -> str:
@@ -123,14 +122,16 @@ class Conversation:
 
     def save(self, path: Path) -> None:
         """Write the conversation to ``path`` (mode 0600, replaced whole)."""
-        partial = path.with_name(path.name + ".partial")
         data = json.dumps(self.to_json(), indent=2, ensure_ascii=False).encode("utf-8")
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # A new file of our own (mkstemp: 0600, never an existing file or a link), then renamed.
+        fd, partial = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
-        partial.replace(path)
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+            os.replace(partial, path)
+        except BaseException:
+            Path(partial).unlink(missing_ok=True)
+            raise
 
     @classmethod
     def load(cls, path: Path) -> Conversation:

@@ -127,10 +127,14 @@ def hint_matches(hint: str, model: ModelEntry) -> bool:
     return any(_words(alias) in words for alias in model.aliases)
 
 
+CHARS_PER_TOKEN = 3
+"""The estimate's characters a token (prose has about 4; JSON and code fewer)."""
+
+
 def estimate_tokens(text_chars: int, messages: int) -> int:
     """A rough token estimate before any tokenizer is loaded (about 3 characters a
     token, plus the chat template's few tokens a message); the engine checks exactly."""
-    return text_chars // 3 + 8 * messages + 16
+    return text_chars // CHARS_PER_TOKEN + 8 * messages + 16
 
 
 def _unfit(model: ModelEntry, needs: Needs) -> str | None:

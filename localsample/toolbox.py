@@ -20,20 +20,20 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from types import TracebackType
 from typing import Any, Literal, Protocol
 
 import anyio
+from anyio.abc import TaskGroup, TaskStatus
 from mcp import types
 from mcp.shared.exceptions import MCPError
 
 from localsample.audit import AuditRecord
-from localsample.client import ServerClient, ServerSpec, make_client, mcp_error_kind, tool_result_text
-from localsample.downstream import all_pages, exposed_names
-from localsample.errors import AgentError, ServerSpecError
+from localsample.client import ServerClient, ServerSpec, first_cause, make_client, mcp_error_kind
+from localsample.downstream import all_pages, exposed_names, headline
+from localsample.errors import AgentError, ServerError, ServerSpecError
 from localsample.generation import ToolCall, ToolSpec
 from localsample.policy import Asker, Decision
 from localsample.runtime import Runtime
@@ -82,13 +82,14 @@ class ToolOutcome:
 def tool_approval(runtime: Runtime, server: str, tool: str, *, can_ask: bool) -> ToolApproval:
     """How a call of ``tool`` (its server's own name for it) on ``server`` is approved."""
     settings = runtime.settings.server(server)
-    if any(fnmatchcase(tool, pattern) for pattern in settings.auto_tools):
+    if matches(tool, settings.auto_tools):
         return "auto"
     mode = settings.approve_tools or ("ask" if can_ask else "deny")
     return "deny" if mode == "ask" and not can_ask else mode
 
 
 def matches(name: str, patterns: Sequence[str]) -> bool:
+    """Whether ``name`` is one of ``patterns`` (globs: ``read_*``)."""
     return any(fnmatchcase(name, pattern) for pattern in patterns)
 
 
@@ -127,27 +128,58 @@ class Toolbox:
         self.always: set[str] = set()
         """Tools the person said to run without asking again, this session."""
         self.calls = 0
-        self._stack = AsyncExitStack()
+        self._group: TaskGroup | None = None
+        self._stop = anyio.Event()
 
     async def __aenter__(self) -> Toolbox:
+        """Connect every server (each held by a task of its own, so that one which goes away
+        later only fails its own calls) and list their tools."""
+        self._group = anyio.create_task_group()
+        await self._group.__aenter__()
         try:
             for spec in self.specs:
-                handler = SamplingHandler(self.runtime, server=spec.name, echo=self.echo, ask=self.ask, via=VIA)
-                client = make_client(spec, handler, connect_timeout=self.runtime.settings.connect_timeout)
-                try:
-                    self.clients[spec.name] = await self._stack.enter_async_context(client)
-                except Exception as exc:
-                    raise client.failure(exc) from exc
-            await self._list()
-        except BaseException:
-            await self._stack.aclose()
+                await self._group.start(self._hold, spec)
+            with anyio.fail_after(self.runtime.settings.connect_timeout):
+                await self._list()
+        except BaseException as exc:
+            self._stop.set()
+            await self._group.__aexit__(type(exc), exc, exc.__traceback__)
+            if isinstance(exc, TimeoutError):
+                raise ServerError(
+                    f"a server did not list its tools within {self.runtime.settings.connect_timeout:g} s",
+                    "run the server by itself to see why; a slow one needs a larger connect_timeout",
+                ) from None
+            if isinstance(exc, MCPError):
+                raise ServerError(f"listing the servers' tools failed: {exc}", "run the server by itself") from exc
             raise
         return self
 
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self._stack.aclose()
+        self._stop.set()
+        assert self._group is not None
+        await self._group.__aexit__(kind, exc, tb)
+
+    async def _hold(self, spec: ServerSpec, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Connect to ``spec`` and keep the connection until the toolbox exits. Failing to
+        connect raises (through ``start``); failing later marks the server gone."""
+        handler = SamplingHandler(self.runtime, server=spec.name, echo=self.echo, ask=self.ask, via=VIA)
+        client = make_client(spec, handler, connect_timeout=self.runtime.settings.connect_timeout)
+        started = False
+        try:
+            async with client:
+                self.clients[spec.name] = client
+                task_status.started()
+                started = True
+                await self._stop.wait()
+        except Exception as exc:
+            if not started:
+                raise client.failure(exc) from exc
+            if spec.name not in self.gone:  # (a failed call has said so already)
+                self.gone[spec.name] = "it closed the connection"
+                cause = headline(str(first_cause(exc)))
+                log.warning("%s: the connection ended (%s); its tools now fail", spec.name, cause)
 
     async def _list(self) -> None:
         listed: list[tuple[str, types.Tool]] = []
@@ -162,7 +194,7 @@ class Toolbox:
             for exposed, (server, tool) in zip(shown, listed, strict=True)
         }
         for option, patterns in (("--tools", self.only), ("--exclude-tools", self.exclude)):
-            unknown = [p for p in patterns if not any(fnmatchcase(n, p) for n in every)]
+            unknown = [p for p in patterns if not any(matches(n, [p]) for n in every)]
             if unknown:
                 raise AgentError(
                     f"{option}: no tool matches {', '.join(unknown)}",
@@ -214,7 +246,7 @@ class Toolbox:
             return ToolOutcome(problem, True, 0.0, "policy", refused=True)
         if mode == "ask":
             assert self.ask is not None
-            decision = await self.ask.approve_tool(tool.server, call)
+            decision = await self._ask(tool, call, self.ask)
             if not decision.approved:
                 refusal = f"Error: the user refused this call: {decision.reason}"
                 return ToolOutcome(refusal, True, 0.0, decision.by, refused=True)
@@ -222,6 +254,16 @@ class Toolbox:
                 self.always.add(tool.name)
             by = decision.by
         return await self._run(tool, call, by)
+
+    async def _ask(self, tool: AgentTool, call: ToolCall, ask: ToolAsker) -> Decision:
+        """The person's answer; no answer within ``ask_timeout``, or a closed terminal, is a no."""
+        timeout = self.runtime.settings.server(tool.server).ask_timeout
+        try:
+            with anyio.move_on_after(timeout):
+                return await ask.approve_tool(tool.server, call)
+        except EOFError:
+            return Decision(False, "policy", "the terminal closed before an answer")
+        return Decision(False, "timeout", f"no answer within {timeout:g} s (ask_timeout)")
 
     async def _run(self, tool: AgentTool, call: ToolCall, by: str) -> ToolOutcome:
         started = time.perf_counter()
@@ -248,9 +290,33 @@ class Toolbox:
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             self.gone[tool.server] = "it closed the connection"
             return failed(f"server '{tool.server}' closed the connection")
-        text = tool_result_text(result)
+        except Exception as exc:  # the SDK's own checks (output schema, validation): the model is told
+            log.warning("%s: tool %s failed: %s", tool.server, tool.original, exc)
+            return failed(f"{type(exc).__name__}: {exc}")
+        text = model_text(result)
         duration = time.perf_counter() - started
         return ToolOutcome(f"Error: {text}" if result.is_error else text, bool(result.is_error), duration, by)
+
+
+def model_text(result: types.CallToolResult) -> str:
+    """A tool result as the model reads it: text blocks as they are, structured content as
+    JSON, and for other content (images, audio, resources) a line saying what it is, never
+    its base64 data."""
+    parts: list[str] = []
+    for block in result.content:
+        if isinstance(block, types.TextContent):
+            parts.append(block.text)
+        elif isinstance(block, types.ImageContent | types.AudioContent):
+            parts.append(f"[{block.type}: {block.mime_type}, about {len(block.data) * 3 // 4} bytes, not shown]")
+        elif isinstance(block, types.EmbeddedResource):
+            inner = block.resource
+            shown = inner.text if isinstance(inner, types.TextResourceContents) else "(binary, not shown)"
+            parts.append(f"[resource {inner.uri}]\n{shown}")
+        elif isinstance(block, types.ResourceLink):
+            parts.append(f"[resource link {block.uri}: {block.name}]")
+    if not parts and result.structured_content is not None:
+        parts.append(json.dumps(result.structured_content, ensure_ascii=False))
+    return "\n".join(parts)
 
 
 def run_id() -> str:

@@ -85,7 +85,6 @@ and write nothing after it. The result comes back inside <tool_response></tool_r
 """The system prompt section that teaches a model without tool support the call format."""
 
 
-
 # -- the prompt ---------------------------------------------------------------------------
 
 

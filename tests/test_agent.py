@@ -6,19 +6,28 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import anyio
 import pytest
+from mcp import types
 from typer.testing import CliRunner
 
+from localsample.approval import TerminalApprover
 from localsample.cli import app
 from localsample.conversation import Conversation, truncated_result
 from localsample.downstream import exposed_names
 from localsample.errors import AgentError
 from localsample.generation import ChatMessage, ToolCall
+from localsample.policy import Decision
 from localsample.runtime import Runtime
 from localsample.settings import ServerSettings, load_settings
-from localsample.toolbox import tool_approval
+from localsample.toolbox import AgentTool, Toolbox, model_text, tool_approval
 
 runner = CliRunner()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
 
 
 def runtime_with(**servers: ServerSettings) -> Runtime:
@@ -124,3 +133,59 @@ def test_a_saved_message_has_only_the_fields_it_uses(tmp_path: Path) -> None:
     saved = tmp_path / "c.json"
     Conversation([ChatMessage("user", "hi")]).save(saved)
     assert json.loads(saved.read_text())["messages"] == [{"role": "user", "content": "hi"}]
+
+
+def test_a_result_the_model_reads_never_carries_base64() -> None:
+    result = types.CallToolResult(
+        content=[
+            types.TextContent(type="text", text="the chart:"),
+            types.ImageContent(type="image", data="A" * 4000, mime_type="image/png"),
+            types.EmbeddedResource(
+                type="resource",
+                resource=types.TextResourceContents(uri="file:///a.txt", text="hello", mime_type="text/plain"),
+            ),
+            types.ResourceLink(type="resource_link", uri="file:///b.bin", name="b.bin"),
+        ]
+    )
+    text = model_text(result)
+    assert text.splitlines() == [
+        "the chart:",
+        "[image: image/png, about 3000 bytes, not shown]",
+        "[resource file:///a.txt]",
+        "hello",
+        "[resource link file:///b.bin: b.bin]",
+    ]
+    structured = types.CallToolResult(content=[], structured_content={"n": 1})
+    assert model_text(structured) == '{"n": 1}'
+
+
+class SilentAsker(TerminalApprover):
+    """A person who never answers (or whose terminal closes)."""
+
+    def __init__(self, closes: bool) -> None:
+        super().__init__()
+        self.closes = closes
+
+    def available(self) -> bool:
+        return True
+
+    async def approve_tool(self, server: str, call: ToolCall) -> Decision:
+        if self.closes:
+            raise EOFError("the terminal closed")
+        await anyio.sleep(3600)
+        raise AssertionError("not reached")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("closes", [False, True])
+async def test_an_unanswered_or_closed_approval_is_a_refusal(closes: bool) -> None:
+    runtime = runtime_with(notes=ServerSettings(approve_tools="ask", ask_timeout=0.2))
+    toolbox = Toolbox(runtime, [], ask=SilentAsker(closes))
+    toolbox.tools["read"] = AgentTool("read", "notes", "read", "", {"type": "object"})
+    try:
+        outcome = await toolbox.call(ToolCall("c1", "read", {}), "r-1")
+    finally:
+        runtime.close()
+    assert outcome.is_error and outcome.refused
+    expected = "the terminal closed before an answer" if closes else "no answer within 0.2 s (ask_timeout)"
+    assert outcome.text == f"Error: the user refused this call: {expected}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +19,8 @@ from typing import Any
 import jsonschema
 import pexpect
 import pytest
+
+from tests.test_call import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTES_SERVER = ROOT / "examples" / "notes_server.py"
@@ -111,7 +114,7 @@ def test_stdout_holds_only_the_answer_and_tool_lines_go_to_stderr(model_dir: Pat
     assert proc.returncode == 0, proc.stderr
     assert "-> list_notes({})  [notes]" in proc.stderr
     assert "<- list_notes: garden.md (" in proc.stderr
-    assert proc.stdout.strip() and "->" not in proc.stdout and "list_notes" not in proc.stdout.split("\n")[0][:3]
+    assert proc.stdout.strip() and "-> list_notes" not in proc.stdout and "<- list_notes" not in proc.stdout
 
 
 def test_the_step_limit_ends_the_run_with_a_clear_error(model_dir: Path) -> None:
@@ -252,3 +255,27 @@ def test_a_conversation_on_the_terminal_with_commands(model_dir: Path, tmp_path:
     messages = json.loads(saved.read_text())["messages"]
     assert [m["role"] for m in messages] == ["user", "assistant"] and messages[0]["content"] == "Hello, who are you?"
     assert messages[1]["content"].strip()
+
+
+def test_an_http_server_that_dies_in_a_call_fails_that_call_only(model_dir: Path) -> None:
+    port = free_port()
+    script = ROOT / "tests" / "servers" / "agent_server.py"
+    server = subprocess.Popen([sys.executable, str(script), "--http", str(port)], stderr=subprocess.DEVNULL)
+    try:
+        url = f"agent=http://127.0.0.1:{port}/mcp"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # until it listens
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        proc = run("-s", url, "--tool-choice", "required", "--tools", "crash", "--json", "Restart the service.")
+    finally:
+        server.kill()
+        server.wait()
+    assert proc.returncode == 0, proc.stderr
+    data = transcript(proc)
+    call = data["steps"][0]["calls"][0]
+    assert call["is_error"] and "server 'agent' closed the connection" in call["result"]
+    assert data["finish"] == "answered" and len(data["steps"]) == 2

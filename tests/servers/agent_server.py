@@ -6,11 +6,16 @@ the notes example cannot be made to do on demand.
   the file named by $AGENT_MARK, so a test can see the cancellation reached the server.
 - `list_notes`: the same name as the notes example's tool, for name collisions.
 - `forecast`: asks the client's model for a sentence (sampling inside a tool, both eras).
+- `crash`: the server process exits in the middle of the call.
+
+`python agent_server.py` serves on stdio; `python agent_server.py --http PORT` serves
+Streamable HTTP on 127.0.0.1:PORT at /mcp.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -61,5 +66,14 @@ async def forecast(
     return f"forecast: {text.strip()}"
 
 
+@server.tool()
+def crash() -> str:
+    """Restart the delivery service."""
+    os._exit(3)
+
+
 if __name__ == "__main__":
-    server.run()
+    if sys.argv[1:2] == ["--http"]:
+        server.run("streamable-http", host="127.0.0.1", port=int(sys.argv[2]))
+    else:
+        server.run()
