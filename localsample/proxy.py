@@ -31,7 +31,6 @@ from typing import Any, TypeVar, cast
 import anyio
 import anyio.lowlevel
 from mcp import Client, types
-from mcp.client.session import ClientRequestContext, IncomingMessage, MessageHandlerFnT
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel import NotificationOptions, Server
 from mcp.server.session import ServerSession
@@ -45,11 +44,10 @@ from localsample.downstream import Downstream, all_pages, exposed_names, headlin
 from localsample.errors import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
-    INVALID_REQUEST,
-    METHOD_NOT_FOUND,
     ServerError,
     ServerSpecError,
 )
+from localsample.host_relay import HostRelay
 from localsample.listen import host_lines, serve_app
 from localsample.runtime import Runtime
 from localsample.sampling import SamplingHandler
@@ -88,6 +86,7 @@ class Proxy:
         self.connect_timeout = runtime.settings.connect_timeout if connect_timeout is None else connect_timeout
         self.downstreams = [Downstream(spec) for spec in specs]
         self.host: ServerSession | None = None
+        self.relay = HostRelay(lambda: self.host)
         self.stopped_by: signal.Signals | None = None
         self.tools: dict[str, tuple[Downstream, str]] = {}
         self.prompts: dict[str, tuple[Downstream, str]] = {}
@@ -127,10 +126,10 @@ class Proxy:
         client = make_client(
             down.spec,
             sampling,
-            elicitation=self._elicit,
-            list_roots=self._list_roots,
-            logging_callback=self._forward_log,
-            message_handler=self._forward_notification(down),
+            elicitation=self.relay.elicit,
+            list_roots=self.relay.list_roots,
+            logging_callback=self.relay.forward_log,
+            message_handler=self.relay.notification_handler(down.name),
             connect_timeout=self.connect_timeout,
         )
         try:
@@ -472,54 +471,3 @@ class Proxy:
             except MCPError as exc:  # a server without logging support
                 log.debug("%s: logging/setLevel not forwarded: %s", down.name, exc)
         return types.EmptyResult()
-
-    # -- from downstream servers to the host ---------------------------------------------
-
-    def _forward_notification(self, down: Downstream) -> MessageHandlerFnT:
-        async def forward(message: IncomingMessage) -> None:
-            host = self.host
-            if host is None or isinstance(message, Exception):
-                return
-            try:
-                if isinstance(message, types.ResourceUpdatedNotification):
-                    await host.send_resource_updated(message.params.uri)
-                elif isinstance(message, types.ToolListChangedNotification):
-                    await host.send_tool_list_changed()
-                elif isinstance(message, types.PromptListChangedNotification):
-                    await host.send_prompt_list_changed()
-                elif isinstance(message, types.ResourceListChangedNotification):
-                    await host.send_resource_list_changed()
-            except Exception as exc:
-                log.debug("notification from %s not forwarded: %s", down.name, exc)
-
-        return forward
-
-    async def _forward_log(self, params: types.LoggingMessageNotificationParams) -> None:
-        if self.host is not None:
-            try:
-                await self.host.send_log_message(params.level, params.data, params.logger)
-            except Exception as exc:
-                log.debug("log message not forwarded: %s", exc)
-
-    async def _elicit(
-        self, context: ClientRequestContext, params: types.ElicitRequestParams
-    ) -> types.ElicitResult | types.ErrorData:
-        host = self.host
-        caps = types.ClientCapabilities(elicitation=types.ElicitationCapability())
-        if host is None or not host.check_client_capability(caps) or not host.can_send_request:
-            log.info("elicitation from a downstream server refused: the host cannot answer elicitation")
-            return types.ErrorData(code=INVALID_REQUEST, message="the host does not support elicitation")
-        try:
-            return await host.send_request(types.ElicitRequest(params=params), types.ElicitResult)
-        except MCPError as exc:
-            return exc.error
-
-    async def _list_roots(self, context: ClientRequestContext) -> types.ListRootsResult | types.ErrorData:
-        host = self.host
-        roots = types.ClientCapabilities(roots=types.RootsCapability())
-        if host is None or not host.check_client_capability(roots) or not host.can_send_request:
-            return types.ErrorData(code=METHOD_NOT_FOUND, message="the host does not support roots")
-        try:
-            return await host.list_roots()
-        except MCPError as exc:
-            return exc.error
