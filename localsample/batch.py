@@ -49,6 +49,7 @@ from localsample.constrained import GrammarSampler
 from localsample.errors import ContextOverflowError, EngineError, GenerationCancelled, ToolCallError
 from localsample.generation import Completion, Job, StopMatcher, StopReason
 from localsample.slots import Active, ContextSettings, Encode, Piece, Row, Slot, Tokenize, common_prefix
+from localsample.threads import ThreadGovernor
 
 MIN_PROMPT_EVAL = 2
 """Prompt tokens always evaluated afresh, even when the whole prompt is cached (one is
@@ -103,6 +104,8 @@ class Batcher:
         if settings.type_v is not None:
             params.type_v = settings.type_v
         self.flash_attn_type = settings.flash_attn_type
+        self.n_threads_batch = settings.n_threads_batch
+        self.governor = ThreadGovernor(settings.n_threads) if settings.adaptive_threads else None
         params.flash_attn_type = self.flash_attn_type
         ctx = llama_cpp.llama_init_from_model(model, params)
         if not ctx:
@@ -361,10 +364,21 @@ class Batcher:
             assert active is not None and active.next_token is not None
             rows.append((active.next_token, len(slot.tokens), slot.seq, True))
             slot.tokens.append(active.next_token)
+        started = time.perf_counter()
         self._fill(rows)
+        if self.governor is not None:
+            self._govern(self.governor.observe(len(rows), time.perf_counter() - started))
         self.widest_step = max(self.widest_step, len(rows))
         for index, slot in enumerate(slots):
             self._take(slot, index)
+
+    def _govern(self, threads: int | None) -> None:
+        """Apply the governor's thread count (threads.py); prompts use no more than it."""
+        if threads is not None and self.governor is not None:
+            full = threads == self.governor.full
+            llama_cpp.llama_set_n_threads(
+                self.ctx, threads, self.n_threads_batch if full else min(threads, self.n_threads_batch)
+            )
 
     def _take(self, slot: Slot, index: int) -> None:
         """Sample the next token of the slot's request from batch row ``index``."""

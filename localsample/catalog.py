@@ -56,6 +56,7 @@ class LoadSettings(_Strict):
     type_k: int | None = Field(None, ge=0)
     type_v: int | None = Field(None, ge=0)
     offload_kqv: bool = True
+    adaptive_threads: bool = True  # localsample's own: fewer threads while the cores are busy
 
     @field_validator("split_mode", mode="before")
     @classmethod
@@ -77,11 +78,15 @@ class LoadSettings(_Strict):
 
     def llama_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``Llama(...)``; ``n_threads`` defaults to all cores."""
-        kwargs = self.model_dump(exclude_none=True)
+        kwargs = self.model_dump(exclude_none=True, exclude={"adaptive_threads"})
         cores = os.cpu_count() or 1
         kwargs.setdefault("n_threads", cores)
         kwargs.setdefault("n_threads_batch", cores)
         return kwargs
+
+    def context_kwargs(self) -> dict[str, Any]:
+        """``llama_kwargs`` and localsample's own settings for the batcher's context."""
+        return self.llama_kwargs() | {"adaptive_threads": self.adaptive_threads}
 
 
 class SamplingDefaults(_Strict):

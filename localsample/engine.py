@@ -198,7 +198,7 @@ class Engine:
             model_id=self.model.id,
             model=handles.model,
             vocab=handles.vocab,
-            settings=ContextSettings.from_load(self.model.load.llama_kwargs()),
+            settings=ContextSettings.from_load(self.model.load.context_kwargs()),
             slots=self.slots,
             executor=self._thread,
             tokenize=functools.partial(self._prompt_tokens, llama),

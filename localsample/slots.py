@@ -44,10 +44,11 @@ class ContextSettings:
     flash_attn: bool | None = None  # None: llama.cpp's auto, on where the device has it
     type_k: int | None = None
     type_v: int | None = None
+    adaptive_threads: bool = True  # fewer threads while other work takes the cores (threads.py)
 
     @classmethod
     def from_load(cls, load: dict[str, Any]) -> ContextSettings:
-        """From ``LoadSettings.llama_kwargs()``."""
+        """From ``LoadSettings.context_kwargs()``."""
         return cls(
             n_ctx=load["n_ctx"],
             n_batch=load["n_batch"],
@@ -58,6 +59,7 @@ class ContextSettings:
             flash_attn=load.get("flash_attn"),
             type_k=load.get("type_k"),
             type_v=load.get("type_v"),
+            adaptive_threads=load.get("adaptive_threads", True),
         )
 
     @property

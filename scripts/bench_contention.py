@@ -8,6 +8,11 @@ process can collapse (requests 40x slower were seen). This compares, each in a f
 process (OpenMP reads its environment once, at start-up):
 
   default            this build (OpenMP), n_threads = all cores
+  engine             localsample's engine with adaptive_threads = false (as raw)
+  engine adaptive    localsample's engine as shipped: fewer threads while steps are slow
+                     (threads.py); its per-token gaps are taken between the ends of
+                     successive one-row llama_decode calls (its text stream coalesces
+                     tokens into pieces every 50 ms, too coarse to time tokens by)
   passive            OMP_WAIT_POLICY=passive (threads sleep instead of spinning)
   spincount          GOMP_SPINCOUNT=10000 (spin briefly, then sleep)
   cores-1            n_threads = cores - 1
@@ -67,6 +72,53 @@ while True:
 print(json.dumps({"gaps": gaps, "cut": cut}))
 """
 
+ENGINE_WORKER = r"""
+import asyncio, json, sys, time
+import llama_cpp
+from localsample.catalog import load_catalog
+from localsample.engine import Engine
+from localsample.generation import ChatMessage, GenerationRequest
+from localsample.settings import load_settings
+from pathlib import Path
+
+path, prompt, threads, tokens, rounds, limit, loop = sys.argv[1:8]
+threads, tokens, rounds, limit = int(threads), int(tokens), int(rounds), float(limit)
+adaptive = sys.argv[8] == "adaptive"
+settings = load_settings()
+entry = load_catalog(settings.catalog_path).get(settings.default_model)
+load = entry.load.model_copy(update={"n_ctx": 1024, "n_threads": threads, "n_threads_batch": threads,
+                                     "adaptive_threads": adaptive})
+engine = Engine(entry.model_copy(update={"load": load}), Path(path), slots=1)
+request = GenerationRequest(messages=[ChatMessage("user", prompt)], max_tokens=tokens, temperature=0.0)
+ends, gaps, started = [], [], time.perf_counter()
+decode = llama_cpp.llama_decode
+
+def timed_decode(ctx, batch):
+    status = decode(ctx, batch)
+    if batch.n_tokens == 1:  # a decode step of the one request (prompt chunks are longer)
+        ends.append(time.perf_counter())
+    return status
+
+llama_cpp.llama_decode = timed_decode
+
+async def main():
+    while True:
+        for _ in range(rounds):
+            await engine.reset_cache()
+            ends.clear()
+            task = asyncio.ensure_future(engine.generate(request))
+            done, _ = await asyncio.wait([task], timeout=max(0.1, limit - (time.perf_counter() - started)))
+            gaps.extend(b - a for a, b in zip(ends, ends[1:]))
+            if not done and loop == "once":
+                task.cancel()
+                return True
+        if loop == "once":
+            return False
+
+cut = asyncio.run(main())
+print(json.dumps({"gaps": gaps, "cut": cut}))
+"""
+
 
 @dataclass
 class Config:
@@ -74,6 +126,7 @@ class Config:
     env: dict[str, str] = field(default_factory=dict)
     threads: int = 0  # 0: all cores
     python: str = sys.executable
+    engine: str = ""  # "", or localsample's engine "fixed" / "adaptive"
 
 
 @dataclass
@@ -94,8 +147,9 @@ class Result:
 
 def run_worker(config: Config, model: Path, tokens: int, rounds: int, *, loop: bool = False) -> subprocess.Popen[str]:
     threads = config.threads or (os.cpu_count() or 1)
-    args = [config.python, "-c", WORKER, str(model), PROMPT, str(threads), str(tokens), str(rounds), str(RUN_LIMIT)]
-    args.append("loop" if loop else "once")
+    code = ENGINE_WORKER if config.engine else WORKER
+    args = [config.python, "-c", code, str(model), PROMPT, str(threads), str(tokens), str(rounds), str(RUN_LIMIT)]
+    args += ["loop" if loop else "once", config.engine]
     env = os.environ | config.env
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
 
@@ -131,6 +185,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--other-python", help="interpreter of a llama-cpp-python built with -DGGML_OPENMP=OFF")
     parser.add_argument("--model", type=Path, default=None, help="GGUF (default: the default model's file)")
+    parser.add_argument("--only", default="", help="comma list of configurations to run (default: all)")
     args = parser.parse_args()
     if args.model is None:
         from localsample.catalog import load_catalog, resolve_model_path
@@ -145,13 +200,17 @@ def main() -> None:
         Config("passive", {"OMP_WAIT_POLICY": "passive"}),
         Config("spincount", {"GOMP_SPINCOUNT": "10000"}),
         Config("cores-1", threads=max(1, cores - 1)),
+        Config("engine", engine="fixed"),
+        Config("engine adaptive", engine="adaptive"),
     ]
     if args.other_python:
         configs.append(Config("no-openmp", python=args.other_python))
+    if args.only:
+        configs = [c for c in configs if c.name in args.only.split(",")]
     loads = ["idle", "busy", "second model"]
     print(f"decode under contention: {args.model.name}, {args.tokens} tokens x {args.rounds} rounds, {cores} cores")
     print(
-        f"{'config':12}{'threads':>8}"
+        f"{'config':16}{'threads':>8}"
         + "".join(f"{load + ' p50/p95 ms':>26}" for load in loads)
         + "  worst/idle  idle tok/s"
     )
@@ -163,7 +222,7 @@ def main() -> None:
         worst = max(results[load].p(0.95) for load in loads[1:]) / idle.p(0.95)
         cells = "".join(cell(results[load]) for load in loads)
         speed = f"{idle.tokens_per_second:.1f} ({idle.tokens_per_second / baseline:.2f}x)"
-        print(f"{config.name:12}{config.threads or cores:>8}{cells}{worst:>12.1f}  {speed}")
+        print(f"{config.name:16}{config.threads or cores:>8}{cells}{worst:>12.1f}  {speed}")
     print("  worst/idle: the p95 under the worse load over the idle p95 (target <= 3)")
     print("  cut: the run passed", f"{RUN_LIMIT:g} s and was stopped there (the team collapsed)")
 
