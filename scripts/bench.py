@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import multiprocessing
 import os
@@ -237,7 +238,14 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="catalog id (default: the default model)")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument(
+        "--sections",
+        default="1,3,4,6,7",
+        help="comma list: 1 (one request and overhead, 1-2), "
+        "3 (concurrency), 4 (cache and memory, 4-5), 6 (tool calls), 7 (agent steps)",
+    )
     args = parser.parse_args()
+    chosen = set(args.sections.split(","))
 
     runtime = Runtime()
     model = runtime.catalog.get(args.model or runtime.settings.default_model)
@@ -245,6 +253,20 @@ def main() -> None:
     print(f"model {model.id}, {args.tokens} tokens greedy, median of {args.rounds} alternating rounds")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, n_threads={threads}")
 
+    if "1" in chosen:
+        single_section(model, args)
+    if "3" in chosen:
+        concurrency_section(model.id, 64)
+    if "4" in chosen:
+        cache_and_memory_section(model.id)
+    if "6" in chosen:
+        tools_section(model)
+    if "7" in chosen:
+        agent_section(model)
+
+
+def single_section(model: ModelEntry, args: argparse.Namespace) -> None:
+    """(1) one request, raw vs engine vs end to end; (2) the latency MCP adds."""
     names = ["raw defaults", "raw fa on", "engine", "engine fa on"]
     sides: dict[str, Side] = {name: partial(side, name) for name in names} | {"e2e": e2e_side}
     runs = run_sides(sides, model.id, argparse.Namespace(tokens=args.tokens, rounds=args.rounds, cold=True))
@@ -275,10 +297,6 @@ def main() -> None:
         f"{'request ms':26}{short_alone * 1e3:>9.1f}{short_e2e * 1e3:>9.1f}"
         f"{(short_e2e - short_alone) * 1e3:>7.1f}   (aim <= 15)"
     )
-    concurrency_section(model.id, 64)
-    cache_and_memory_section(model.id)
-    tools_section(model)
-    agent_section(model)
 
 
 def concurrency_section(model_id: str, tokens: int, rounds: int = 3) -> None:
@@ -340,64 +358,129 @@ def concurrency_section(model_id: str, tokens: int, rounds: int = 3) -> None:
         )
     print("   llama.cpp: its own decode rate for that many sequences in one batch vs one sequence (raw")
     print("   llama_decode, no sampling or streaming): the most batching can give on this model and machine")
+    print("   What evaluating each prompt alone costs (the engine does, so batched greedy outputs equal solo")
+    print("   runs): raw llama.cpp, N prompts one llama_decode each vs all in one, and how many sequences'")
+    print("   16-token greedy continuations came out the same both ways:")
+    for n in widths[1:]:
+        alone_s, joint_s, same = ceiling[("prompts", n)]
+        print(
+            f"{n:>10} prompts: alone {alone_s * 1e3:.0f} ms, together {joint_s * 1e3:.0f} ms "
+            f"(saves {(alone_s - joint_s) * 1e3:.0f} ms a burst); same output {same}/{n}"
+        )
     runtime.close()
 
 
-def raw_batched_decode(model_id: str, widths: tuple[int, ...], tokens: int, rounds: int = 3) -> dict[int, float]:
+def raw_batched_decode(model_id: str, widths: tuple[int, ...], tokens: int, rounds: int = 3) -> dict[Any, Any]:
     """Decode tokens/s of raw llama.cpp with N sequences in one batch, as llama-batched-bench
     measures it, in a context like the engine's: the ceiling for section 3's ratios."""
     context = multiprocessing.get_context("spawn")
     mine, theirs = context.Pipe()
     process = context.Process(target=raw_batched_side, args=(model_id, widths, tokens, rounds, theirs), daemon=True)
     process.start()
-    result: dict[int, float] = mine.recv()
+    result: dict[Any, Any] = mine.recv()
     process.join()
     return result
 
 
-def raw_batched_side(model_id: str, widths: tuple[int, ...], tokens: int, rounds: int, conn: Connection) -> None:
-    import llama_cpp as L
-    import numpy as np
+class RawBatch:
+    """Raw llama.cpp in a context like the engine's (unified KV, one sequence per request)."""
 
-    runtime = Runtime()
-    model = runtime.catalog.get(model_id)
-    path = engine_of(runtime, model).path
-    load = model.load.llama_kwargs()
-    llama = Llama(model_path=str(path), verbose=False, n_ctx=64, **{k: v for k, v in load.items() if k != "n_ctx"})
-    params = L.llama_context_default_params()
-    params.n_ctx, params.n_seq_max, params.kv_unified = model.load.n_ctx, max(widths), True
-    params.n_threads, params.n_threads_batch = load["n_threads"], load["n_threads_batch"]
-    ctx = L.llama_init_from_model(llama._model.model, params)
-    memory, n_vocab = L.llama_get_memory(ctx), L.llama_vocab_n_tokens(llama._model.vocab)
-    batch = L.llama_batch_init(512, 0, 1)
+    def __init__(self, model_id: str, sequences: int) -> None:
+        import llama_cpp as L
 
-    def decode(rows: list[tuple[int, int, int]]) -> None:
+        runtime = Runtime()
+        model = runtime.catalog.get(model_id)
+        load = model.load.llama_kwargs()
+        path = engine_of(runtime, model).path
+        self.llama = Llama(
+            model_path=str(path), verbose=False, n_ctx=64, **{k: v for k, v in load.items() if k != "n_ctx"}
+        )
+        params = L.llama_context_default_params()
+        params.n_ctx, params.n_seq_max, params.kv_unified = model.load.n_ctx, sequences, True
+        params.n_threads, params.n_threads_batch = load["n_threads"], load["n_threads_batch"]
+        self.ctx = L.llama_init_from_model(self.llama._model.model, params)
+        self.memory, self.n_vocab = L.llama_get_memory(self.ctx), L.llama_vocab_n_tokens(self.llama._model.vocab)
+        self.batch = L.llama_batch_init(512, 0, 1)
+
+    def prompts(self, n: int) -> list[list[int]]:
+        """Clear the KV cache; the bench's n prompts, tokenized."""
+        import llama_cpp as L
+
+        L.llama_memory_clear(self.memory, True)
+        return [self.llama.tokenize(f"{SYSTEM}\nRequest {i}: {PROMPT}".encode(), add_bos=True) for i in range(n)]
+
+    def decode(self, rows: list[tuple[int, int, int]], outputs: set[int] | None = None) -> None:
+        import llama_cpp as L
+
+        batch = self.batch
         batch.n_tokens = len(rows)
         for i, (token, pos, seq) in enumerate(rows):
             batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.seq_id[i][0] = token, pos, 1, seq
-            batch.logits[i] = True
-        if L.llama_decode(ctx, batch) != 0:
+            batch.logits[i] = outputs is None or i in outputs
+        if L.llama_decode(self.ctx, batch) != 0:
             raise SystemExit("llama_decode failed")
 
-    def rate(n: int) -> float:
-        L.llama_memory_clear(memory, True)
-        prompts = [llama.tokenize(f"{SYSTEM}\nRequest {i}: {PROMPT}".encode(), add_bos=True) for i in range(n)]
-        for seq, prompt in enumerate(prompts):
-            decode([(token, pos, seq) for pos, token in enumerate(prompt)])
-        next_tokens = [0] * n
-        started = time.perf_counter()
-        for step in range(tokens):
-            decode([(next_tokens[s], len(prompts[s]) + step, s) for s in range(n)])
-            for s in range(n):
-                logits = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, s), shape=(n_vocab,))
-                next_tokens[s] = int(logits.argmax())
-        return n * tokens / (time.perf_counter() - started)
+    def argmax(self, row: int) -> int:
+        import llama_cpp as L
+        import numpy as np
 
-    rate(1)  # warm up
-    result = {n: statistics.median(rate(n) for _ in range(rounds)) for n in widths}
-    L.llama_batch_free(batch)
-    L.llama_free(ctx)
-    llama.close()
+        return int(np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, row), shape=(self.n_vocab,)).argmax())
+
+    def close(self) -> None:
+        import llama_cpp as L
+
+        L.llama_batch_free(self.batch)
+        L.llama_free(self.ctx)
+        self.llama.close()
+
+
+def raw_rate(raw: RawBatch, n: int, tokens: int) -> float:
+    """Decode tokens/s with n sequences in every batch."""
+    prompts = raw.prompts(n)
+    for seq, prompt in enumerate(prompts):
+        raw.decode([(token, pos, seq) for pos, token in enumerate(prompt)])
+    next_tokens = [0] * n
+    started = time.perf_counter()
+    for step in range(tokens):
+        raw.decode([(next_tokens[s], len(prompts[s]) + step, s) for s in range(n)])
+        next_tokens = [raw.argmax(s) for s in range(n)]
+    return n * tokens / (time.perf_counter() - started)
+
+
+def raw_prompts(raw: RawBatch, n: int, together: bool) -> tuple[float, list[list[int]]]:
+    """Seconds to evaluate n prompts one llama_decode each (the engine's way, so each prompt's
+    KV equals a solo run's) or all in one, and each sequence's 16-token greedy text after."""
+    texts = raw.prompts(n)
+    started = time.perf_counter()
+    if together:
+        rows = [(token, pos, seq) for seq, text in enumerate(texts) for pos, token in enumerate(text)]
+        ends = list(itertools.accumulate(len(text) for text in texts))
+        raw.decode(rows, {end - 1 for end in ends})
+        firsts = [raw.argmax(end - 1) for end in ends]
+    else:
+        firsts = []
+        for seq, text in enumerate(texts):
+            raw.decode([(token, pos, seq) for pos, token in enumerate(text)], {len(text) - 1})
+            firsts.append(raw.argmax(len(text) - 1))
+    elapsed = time.perf_counter() - started
+    outputs = [[first] for first in firsts]
+    for step in range(16):
+        raw.decode([(outputs[s][-1], len(texts[s]) + step, s) for s in range(n)])
+        for s in range(n):
+            outputs[s].append(raw.argmax(s))
+    return elapsed, outputs
+
+
+def raw_batched_side(model_id: str, widths: tuple[int, ...], tokens: int, rounds: int, conn: Connection) -> None:
+    raw = RawBatch(model_id, max(widths))
+    raw_rate(raw, 1, tokens)  # warm up
+    result: dict[Any, Any] = {n: statistics.median(raw_rate(raw, n, tokens) for _ in range(rounds)) for n in widths}
+    for n in widths[1:]:
+        alone = [raw_prompts(raw, n, False) for _ in range(rounds)]
+        joint = [raw_prompts(raw, n, True) for _ in range(rounds)]
+        same = sum(a == b for a, b in zip(alone[0][1], joint[0][1], strict=True))
+        result[("prompts", n)] = (statistics.median(t for t, _ in alone), statistics.median(t for t, _ in joint), same)
+    raw.close()
     conn.send(result)
 
 
