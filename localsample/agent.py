@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from localsample.conversation import Conversation, tools_tokens, truncated_result
-from localsample.errors import ContextOverflowError, UnknownModelError
+from localsample.errors import ContextOverflowError, ToolCallError, UnknownModelError
 from localsample.generation import ChatMessage, GenerationRequest, ToolCall, ToolChoice
 from localsample.runtime import Origin, Runtime
 from localsample.selection import Choice, Needs
@@ -169,10 +169,11 @@ class Agent:
         n_ctx = self.choice.model.load.n_ctx
         budget = n_ctx - self.options.max_tokens - tools_tokens(offered) - CONTEXT_MARGIN
         self.conversation.fit(budget)
+        max_tokens, retried = self.options.max_tokens, False
         for attempt in range(MAX_REFITS + 1):
             request = GenerationRequest(
                 messages=list(self.conversation.messages),
-                max_tokens=self.options.max_tokens,
+                max_tokens=max_tokens,
                 system=self.conversation.system,
                 temperature=self.options.temperature,
                 tools=offered,
@@ -193,6 +194,13 @@ class Agent:
             except ContextOverflowError:
                 if attempt == MAX_REFITS or not self.conversation.fit(budget, at_least=1):
                     raise
+            except ToolCallError as exc:
+                # No usable call came out (maxTokens ran out inside it, or it broke a schema
+                # keyword no grammar enforces): one more try with room for a longer call.
+                if retried:
+                    raise
+                retried, max_tokens = True, max_tokens * 2
+                log.warning("step %d: %s; trying once more with %d tokens", index, exc.one_line(), max_tokens)
         completion = answer.completion
         self.conversation.add(ChatMessage("assistant", completion.text, completion.tool_calls))
         step = Step(

@@ -125,6 +125,18 @@ def test_the_step_limit_ends_the_run_with_a_clear_error(model_dir: Path) -> None
     assert data["finish"] == "max_steps" and data["answer"] is None and len(data["steps"]) == 1
 
 
+def test_a_call_cut_by_max_tokens_is_tried_once_more_with_twice_the_room(model_dir: Path) -> None:
+    args = ("-s", NOTES, "--tool-choice", "required", "--tools", "list_notes", "--json")
+    proc = run(*args, "--max-tokens", "20", "Which notes do I have?")  # a call needs more than 20
+    assert proc.returncode == 0, proc.stderr
+    assert "ran out in the middle of the model's tool call" in proc.stderr and "once more with 40 tokens" in proc.stderr
+    first = transcript(proc)["steps"][0]
+    assert [call["name"] for call in first["calls"]][:1] == ["list_notes"] and first["completion_tokens"] <= 40
+    # still cut the second time: the error names the fix
+    proc = run(*args, "--max-tokens", "8", "Which notes do I have?")
+    assert proc.returncode == 1 and "maxTokens (16) ran out" in proc.stderr and "larger maxTokens" in proc.stderr
+
+
 def test_a_tool_error_goes_back_to_the_model(model_dir: Path, tmp_path: Path) -> None:
     empty = tmp_path / "no-notes"
     empty.mkdir()
