@@ -26,15 +26,17 @@ from localsample.cli_common import (
     make_runtime,
     output,
     parse_env,
+    parse_listen,
     print_json,
     run_async,
     stream_text,
 )
+from localsample.cli_daemon import daemon_app
 from localsample.cli_models import models_app
 from localsample.cli_ops import doctor_command, ps_command
 from localsample.cli_run import run_command
 from localsample.client import NO_BACK_CHANNEL, ServerSpec, call_tool, tool_result_text
-from localsample.errors import ServerError, ServerSpecError
+from localsample.errors import ServerError
 from localsample.generation import ChatMessage, Completion, GenerationRequest
 from localsample.listen import check_bind
 from localsample.proxy import Proxy
@@ -251,14 +253,6 @@ def serve(
         raise typer.Exit(proxy.exit_status)
 
 
-def parse_listen(value: str) -> tuple[str, int]:
-    """``--listen HOST:PORT`` (IPv6 hosts in brackets; an empty host is 127.0.0.1)."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ServerSpecError(f"--listen {value!r} is not HOST:PORT", "write e.g. --listen 127.0.0.1:8765")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
 @app.command()
 def config(as_json: JsonOption = False) -> None:
     """Print the effective settings and where each one came from."""
@@ -279,6 +273,7 @@ def config(as_json: JsonOption = False) -> None:
 # After the commands above, so that help lists them first.
 app.add_typer(models_app, name="models")
 app.add_typer(audit_app, name="audit")
+app.add_typer(daemon_app, name="daemon")
 app.command("run")(run_command)
 app.command("ps")(ps_command)
 app.command("doctor")(doctor_command)

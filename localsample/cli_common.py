@@ -79,7 +79,8 @@ def command_group(**kwargs: Any) -> typer.Typer:
     """A Typer app (or sub-app) whose errors go through :class:`ErrorBoundary`. Help is
     plain text: Typer's rich help labels flags such as ``--help`` with ``<bool>``, as if
     they took a value."""
-    return App(cls=ErrorBoundary, no_args_is_help=True, rich_markup_mode=None, **kwargs)
+    kwargs.setdefault("no_args_is_help", True)
+    return App(cls=ErrorBoundary, rich_markup_mode=None, **kwargs)
 
 
 open_lines: set[TextIO] = set()
@@ -154,6 +155,14 @@ def parse_env(pairs: list[str] | None) -> dict[str, str]:
             raise ServerSpecError(f"--env {pair!r} is not KEY=VALUE", "write e.g. --env API_KEY=abc")
         env[key] = value
     return env
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``--listen HOST:PORT`` (IPv6 hosts in brackets; an empty host is 127.0.0.1)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ServerSpecError(f"--listen {value!r} is not HOST:PORT", "write e.g. --listen 127.0.0.1:8765")
+    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 def print_json(data: object) -> None:

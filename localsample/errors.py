@@ -15,9 +15,11 @@ message printed by the CLI or sent to an MCP server always names the fix.
     │   ├── UnsupportedContentError   image/audio/tools we cannot serve yet
     │   └── ContextOverflowError      prompt + max tokens > n_ctx (with the numbers)
     ├── RejectedError            a human or a policy said no (MCP -1)
+    │   └── RateLimitError       a server's requests/tokens per minute ran out
     ├── EngineError              llama.cpp failed while generating (MCP -32603)
     │   └── BusyError            too many requests waiting for a model (MCP -32000)
     ├── GenerationCancelled      the request was cancelled while waiting or generating
+    ├── DaemonError              `localsample daemon`: none runs, one runs already, no socket
     └── ServerError              a downstream MCP server failed or misbehaved
         └── ServerSpecError      a --server value we cannot parse
 
@@ -51,12 +53,14 @@ __all__ = [
     "CatalogError",
     "ConfigError",
     "ContextOverflowError",
+    "DaemonError",
     "EngineError",
     "GenerationCancelled",
     "HubError",
     "LocalsampleError",
     "ModelError",
     "ModelFileError",
+    "RateLimitError",
     "RejectedError",
     "RequestError",
     "ServerError",
@@ -146,6 +150,11 @@ class RejectedError(LocalsampleError):
     mcp_code = USER_REJECTED
 
 
+class RateLimitError(RejectedError):
+    """A request over a server's requests_per_minute or tokens_per_minute (HTTP 429 in the
+    OpenAI-compatible API; to MCP it is a rejection like any other)."""
+
+
 class GenerationCancelled(LocalsampleError):
     """The request was cancelled (by its caller) while it waited or generated."""
 
@@ -166,6 +175,11 @@ class BusyError(EngineError):
     """Too many requests are already waiting for a model: retry later."""
 
     mcp_code = SERVER_BUSY
+
+
+class DaemonError(LocalsampleError):
+    """`localsample daemon`: no daemon runs (to stop), one runs already (to start), or its
+    socket cannot be made."""
 
 
 class ServerError(LocalsampleError):

@@ -55,6 +55,7 @@ __all__ = [
     "listen_url",
     "make_token",
     "serve_app",
+    "serve_socket",
 ]
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -345,16 +346,16 @@ class _Listener(uvicorn.Server):
         yield
 
 
-def announce(url: str, token: str, generated: bool) -> None:
+def announce(url: str, token: str, generated: bool, what: str = "MCP") -> None:
     """Tell the user (on stderr, never a file or a log record) where to connect and with what."""
     if generated:
         lines = [
-            f"localsample: serving MCP at {url}",
+            f"localsample: serving {what} at {url}",
             f"localsample: send the header  Authorization: Bearer {token}",
             "localsample: (this token was generated for this run and is shown only here; --token sets your own)",
         ]
     else:
-        lines = [f"localsample: serving MCP at {url} (send Authorization: Bearer with your --token value)"]
+        lines = [f"localsample: serving {what} at {url} (send Authorization: Bearer with your --token value)"]
     stream = sys.stderr
     if stream is not None:
         stream.write("\n".join(lines) + "\n")
@@ -371,6 +372,8 @@ async def serve_app(
     extra_hosts: Sequence[str] = (),
     path: str = "/mcp",
     graceful_shutdown: int = GRACEFUL_SHUTDOWN_S,
+    what: str = "MCP",
+    on_started: Callable[[], None] | None = None,
 ) -> None:
     """Serve ``app`` behind a :class:`Guard` on ``host:port`` with uvicorn until cancelled.
 
@@ -379,7 +382,8 @@ async def serve_app(
     shut down, within ``graceful_shutdown`` seconds for open connections plus a margin.
 
     ``token`` is the ``--token`` value, or None to generate one; the token and the URL
-    (``path`` on this listener) are printed once on stderr when the socket is bound.
+    (``path`` on this listener, serving ``what``) are printed once on stderr when the
+    socket is bound; ``on_started`` is called after that.
     uvicorn logs through the ``uvicorn`` loggers (the root handler: stderr), without access
     logs. Raises :class:`ServerSpecError` for a refused bind or when listening fails.
     """
@@ -406,13 +410,44 @@ async def serve_app(
         timeout_graceful_shutdown=graceful_shutdown,
     )
     url = listen_url(host, port, path)
-    listener = _Listener(config, lambda: announce(url, secret, generated))
+
+    def started() -> None:
+        announce(url, secret, generated, what)
+        if on_started is not None:
+            on_started()
+
+    await _run_listener(_Listener(config, started), graceful_shutdown)
+
+
+async def serve_socket(
+    app: ASGIApp, sock: socket.socket, *, graceful_shutdown: int = GRACEFUL_SHUTDOWN_S, on_started: Callable[[], None]
+) -> None:
+    """Serve ``app`` on a socket the caller bound (a Unix socket, whose file permissions
+    are the credential: no :class:`Guard`) until cancelled, as :func:`serve_app` does;
+    ``on_started`` is called once it accepts connections. The socket is closed on return;
+    its file is the caller's to remove."""
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        server_header=False,
+        timeout_graceful_shutdown=graceful_shutdown,
+    )
+    await _run_listener(_Listener(config, on_started), graceful_shutdown, [sock])
+
+
+async def _run_listener(
+    listener: _Listener, graceful_shutdown: int, sockets: list[socket.socket] | None = None
+) -> None:
+    """Run ``listener`` until cancelled; then close its socket and shut the app down anyway."""
     try:
-        await listener.serve()
+        await listener.serve(sockets)
     finally:
         if listener.started and not listener.stopping:  # cancelled: close the socket and the app anyway
             with anyio.CancelScope(shield=True), anyio.move_on_after(graceful_shutdown + SHUTDOWN_MARGIN_S):
-                await listener.shutdown()
+                await listener.shutdown(sockets)
 
 
 READ_SIZE = 65536

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from localsample.errors import RejectedError, RequestError
+from localsample.errors import RateLimitError, RequestError
 from localsample.generation import ChatMessage, Completion, GenerationRequest, ToolCall
 from localsample.settings import Settings
 
@@ -175,7 +175,7 @@ class Limits:
             window = self._trim(self.requests.setdefault(server, deque()), now)
             if len(window) >= policy.requests_per_minute:
                 wait = WINDOW - (now - window[0])
-                raise RejectedError(
+                raise RateLimitError(
                     f"rate limit: server '{server}' already made {len(window)} sampling requests in the last "
                     f"minute (limit {policy.requests_per_minute})",
                     f"retry in {wait:.0f} s, or raise {key}.requests_per_minute in the settings",
@@ -183,7 +183,7 @@ class Limits:
         if policy.tokens_per_minute is not None:
             spent = self._trim_tokens(self.tokens.setdefault(server, deque()), now)
             if spent >= policy.tokens_per_minute:
-                raise RejectedError(
+                raise RateLimitError(
                     f"rate limit: server '{server}' generated {spent} tokens in the last minute "
                     f"(limit {policy.tokens_per_minute})",
                     f"retry later, or raise {key}.tokens_per_minute in the settings",

@@ -226,29 +226,31 @@ def unsupported(block: object, where: str) -> UnsupportedContentError:
 # -- other parameters ---------------------------------------------------------------------
 
 
-def stop_sequences(stops: list[str] | None) -> list[str]:
-    stops = stops or []
+def stop_sequences(stops: Sequence[str] | None, where: str = "params.stopSequences") -> list[str]:
+    """The stop sequences, within the limits every front end applies (``where`` names the
+    field in the caller's protocol)."""
+    stops = list(stops or [])
     if any(not isinstance(s, str) for s in stops):
-        raise RequestError("params.stopSequences must be a list of strings", "send stopSequences as strings")
+        raise RequestError(f"{where} must be a list of strings", "send stop sequences as strings")
     if len(stops) > MAX_STOP_SEQUENCES:
         raise RequestError(
-            f"params.stopSequences has {len(stops)} entries; at most {MAX_STOP_SEQUENCES} are accepted",
+            f"{where} has {len(stops)} entries; at most {MAX_STOP_SEQUENCES} are accepted",
             f"send at most {MAX_STOP_SEQUENCES} stop sequences",
         )
     longest = max((len(s) for s in stops), default=0)
     if longest > MAX_STOP_LENGTH:
         raise RequestError(
-            f"params.stopSequences has an entry of {longest} characters; at most {MAX_STOP_LENGTH} are accepted",
+            f"{where} has an entry of {longest} characters; at most {MAX_STOP_LENGTH} are accepted",
             f"send stop sequences of at most {MAX_STOP_LENGTH} characters",
         )
     return stops
 
 
-def response_schema_of(value: object) -> Mapping[str, Any] | None:
-    """The JSON schema of ``metadata.response_format`` (OpenAI's shape), if any."""
+def response_schema_of(value: object, where: str = "params.metadata.response_format") -> Mapping[str, Any] | None:
+    """The JSON schema of a ``response_format`` in OpenAI's shape (``where`` names the
+    field), if any."""
     if value is None:
         return None
-    where = "params.metadata.response_format"
     fix = 'send {"type": "json_schema", "json_schema": {"schema": {...}}} or {"type": "json_object"}'
     if not isinstance(value, Mapping):
         raise RequestError(f"{where} must be an object", fix)
@@ -283,16 +285,22 @@ def metadata_sampling(metadata: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(value, bool) or not isinstance(value, expected):
             raise RequestError(f"params.metadata.{key} must be a number (got {value!r})", f"send a numeric {key}")
         chosen[key] = value
+    check_sampling_ranges(chosen, "params.metadata.")
+    return chosen
+
+
+def check_sampling_ranges(values: Mapping[str, Any], prefix: str) -> None:
+    """Sampler values must lie in the ranges the catalog's defaults do (``SamplingDefaults``);
+    the error names the field as ``prefix`` + its key."""
     try:
-        SamplingDefaults(**chosen)
+        SamplingDefaults(**values)
     except ValidationError as exc:
         error = exc.errors()[0]
         key = str(error["loc"][0])
         raise RequestError(
-            f"params.metadata.{key} is out of range: {error['msg'].lower()} (got {chosen[key]!r})",
+            f"{prefix}{key} is out of range: {error['msg'].lower()} (got {values[key]!r})",
             f"send {key} within its range, or leave it out to use the model's default",
         ) from None
-    return chosen
 
 
 def preferences_of(params: types.CreateMessageRequestParams) -> Preferences:

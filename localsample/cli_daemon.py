@@ -1,0 +1,69 @@
+"""`localsample daemon` (run the daemon in the foreground) and `localsample daemon stop`.
+
+The daemon itself lives in daemon.py; this module only parses options, calls it and
+prints. Errors go through the command group's error boundary (cli_common).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from localsample.cli_common import command_group, make_runtime, parse_listen, run_async, settings_with_logging
+from localsample.daemon import Daemon, Listen, stop_daemon
+from localsample.errors import ServerSpecError
+from localsample.listen import check_bind
+
+daemon_app = command_group(
+    name="daemon",
+    invoke_without_command=True,
+    no_args_is_help=False,
+)
+
+
+@daemon_app.callback()
+def daemon(
+    ctx: typer.Context,
+    listen: Annotated[
+        str | None,
+        typer.Option(help="Also serve the API over HTTP at HOST:PORT (bearer token required)."),
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="LOCALSAMPLE_TOKEN",
+            help="Bearer token HTTP clients must send with --listen (default: generated, printed once to stderr).",
+        ),
+    ] = None,
+    allow_remote: Annotated[
+        bool, typer.Option("--allow-remote", help="Allow --listen on an address other than 127.0.0.1/localhost/::1.")
+    ] = False,
+    allow_host: Annotated[
+        list[str] | None,
+        typer.Option("--allow-host", help="Another NAME[:PORT] clients may use in Host/Origin (repeatable)."),
+    ] = None,
+) -> None:
+    """Run one resident process that owns the models, with a local OpenAI-compatible API.
+
+    Runs in the foreground until Ctrl-C, SIGTERM or `localsample daemon stop`, serving
+    GET /v1/models and POST /v1/chat/completions on a Unix socket in the state directory
+    (mode 0600: no token), and with --listen over HTTP too. Log lines go to stderr.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    options = None
+    if listen is not None:
+        host, port = parse_listen(listen)
+        check_bind(host, allow_remote)  # before any model loads
+        options = Listen(host, port, token, allow_remote, tuple(allow_host or ()))
+    elif allow_remote or allow_host:
+        raise ServerSpecError("--allow-remote and --allow-host apply only with --listen", "add --listen HOST:PORT")
+    run_async(Daemon(make_runtime(), options).run)
+
+
+@daemon_app.command()
+def stop() -> None:
+    """Ask the running daemon to exit, and wait until it has (exit status 1 if none runs)."""
+    pid = stop_daemon(settings_with_logging())
+    typer.echo(f"stopped the localsample daemon (pid {pid})")
