@@ -364,10 +364,11 @@ class Batcher:
             assert active is not None and active.next_token is not None
             rows.append((active.next_token, len(slot.tokens), slot.seq, True))
             slot.tokens.append(active.next_token)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         self._fill(rows)
         if self.governor is not None:
-            self._govern(self.governor.observe(len(rows), time.perf_counter() - started))
+            seconds, used = time.perf_counter() - started, time.process_time() - cpu
+            self._govern(self.governor.observe(len(rows), seconds, used))
         self.widest_step = max(self.widest_step, len(rows))
         for index, slot in enumerate(slots):
             self._take(slot, index)

@@ -86,7 +86,8 @@ class LoadSettings(_Strict):
 
     def context_kwargs(self) -> dict[str, Any]:
         """``llama_kwargs`` and localsample's own settings for the batcher's context."""
-        return self.llama_kwargs() | {"adaptive_threads": self.adaptive_threads}
+        # Offloaded layers leave CPU threads waiting on the GPU: their CPU share says nothing.
+        return self.llama_kwargs() | {"adaptive_threads": self.adaptive_threads and self.n_gpu_layers == 0}
 
 
 class SamplingDefaults(_Strict):

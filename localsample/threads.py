@@ -7,14 +7,19 @@ machine, while a team one thread smaller keeps going at a steady, slightly lower
 of idle speed on every step, so instead the governor watches the wall time of decode
 steps and changes the thread count only while steps are slow:
 
+- the share of its cores the team got during the step: the process's CPU time over
+  threads x wall time. Spinning counts as CPU time, so an idle machine gives about 1; a
+  team with a thread waiting for a core gets less than ``STARVED``. This needs no
+  baseline, so it also sees contention that was there from the start;
 - a baseline per batch width (rows in the step, by powers of two): a low percentile of
   recent steps at the full thread count that were not slow;
-- a step ``COLLAPSE`` times its baseline, or two of the last three ``SLOW`` times it,
-  drops one thread (again later, down to one, while steps stay slow for the smaller team);
+- a step ``COLLAPSE`` times its baseline, or two of the last three starved or ``SLOW``
+  times it, drops one thread (again later, down to one, while steps stay slow for the smaller team);
 - while reduced, one step at the full count is tried after ``FIRST_PROBE`` seconds: if it
   is not slow the full team is back on trial for ``TRIAL`` steps, and one slow step in
-  them drops it again. A failed try doubles the wait before the next (at most
-  ``LAST_PROBE`` seconds); a passed trial resets it.
+  them drops it again. A drop within ``LAST_PROBE`` seconds of the full team's return
+  doubles the wait before the next try (at most ``LAST_PROBE``); a full team that held
+  that long starts again from ``FIRST_PROBE``.
 
 It is pure bookkeeping (no llama.cpp calls), so the batcher applies what it returns.
 """
@@ -30,6 +35,8 @@ log = logging.getLogger("localsample")
 
 SLOW = 2.5
 """A step this many times its baseline is slow (noise and a growing context stay under)."""
+STARVED = 0.6
+"""A step whose team got less than this share of its cores' time was starved."""
 COLLAPSE = 8.0
 """One step this many times its baseline drops a thread at once."""
 RECENT = 3
@@ -60,6 +67,7 @@ class ThreadGovernor:
         self.wait = FIRST_PROBE
         self.probe_at = 0.0
         self.trial = 0  # steps left in the full team's trial after a try
+        self.full_since = float("-inf")  # when the full team last came back
         self.drops = 0  # times threads were dropped (stats, tests)
 
     @property
@@ -73,33 +81,35 @@ class ThreadGovernor:
             return None
         return sorted(times)[len(times) // 5]
 
-    def observe(self, rows: int, seconds: float) -> int | None:
-        """Record one decode step of ``rows`` rows; the new thread count when it changes."""
+    def observe(self, rows: int, seconds: float, cpu: float | None = None) -> int | None:
+        """Record one decode step of ``rows`` rows, ``seconds`` long, in which the process
+        used ``cpu`` seconds of CPU time (None: unknown); the new thread count when it
+        changes."""
         if not self.enabled:
             return None
         base = self.baseline(rows)
+        starved = cpu is not None and seconds > 0 and cpu < STARVED * self.threads * seconds
         if self.probing:
             self.probing = False
-            return self._probed(base is None or seconds < SLOW * base)
+            return self._probed(not starved and (base is None or seconds < SLOW * base))
         if self.threads == self.full:
-            if base is None or seconds < SLOW * base:
+            if not starved and (base is None or seconds < SLOW * base):
                 self.fast.setdefault(rows.bit_length(), deque(maxlen=HISTORY)).append(seconds)
-            if base is None:
-                return None
+            ratio = seconds / base if base is not None else 1.0
             if self.trial:
-                return self._on_trial(seconds / base)
-            return self._judge(seconds / base)
-        if base is not None:  # fewer threads: expect the full team's time scaled up
-            changed = self._judge(seconds / (base * self.full / self.threads))
-            if changed is not None:
-                return changed
+                return self._on_trial(ratio, starved)
+            return self._judge(ratio, starved)
+        ratio = seconds / (base * self.full / self.threads) if base is not None else 1.0  # fewer threads, scaled
+        changed = self._judge(ratio, starved)
+        if changed is not None:
+            return changed
         if self.clock() >= self.probe_at:
             self.probing = True
             return self.full
         return None
 
-    def _judge(self, ratio: float) -> int | None:
-        self.recent.append(ratio >= SLOW)
+    def _judge(self, ratio: float, starved: bool) -> int | None:
+        self.recent.append(starved or ratio >= SLOW)
         if self.threads == 1 or not (ratio >= COLLAPSE or sum(self.recent) >= 2):
             return None
         return self._drop(ratio)
@@ -109,6 +119,9 @@ class ThreadGovernor:
         before = self.threads
         if not back:
             self.reduced = before - 1
+        if before == self.full:  # contention that comes and goes: try less often
+            held = self.clock() - self.full_since
+            self.wait = min(LAST_PROBE, self.wait * 2) if held < LAST_PROBE else FIRST_PROBE
         self.threads = self.reduced
         self.trial = 0
         self.recent.clear()
@@ -116,26 +129,25 @@ class ThreadGovernor:
         self.probe_at = self.clock() + self.wait
         log.log(
             logging.DEBUG if back else logging.INFO,
-            "decode steps %.1fx slower than usual (other work on the cores?): llama.cpp threads %d -> %d",
-            ratio,
+            "decode steps slowed by other work on the cores: llama.cpp threads %d -> %d (step %.1fx usual)",
             before,
             self.threads,
+            ratio,
         )
         return self.threads
 
-    def _on_trial(self, ratio: float) -> int | None:
+    def _on_trial(self, ratio: float, starved: bool) -> int | None:
         self.trial -= 1
-        if ratio >= SLOW:
-            self.wait = min(LAST_PROBE, self.wait * 2)
+        if starved or ratio >= SLOW:
             return self._drop(ratio, back=True)
         if not self.trial:
-            self.wait = FIRST_PROBE
             log.info("decode steps back to usual speed: llama.cpp threads %d -> %d", self.reduced, self.full)
         return None
 
     def _probed(self, fine: bool) -> int | None:
         if fine:
             self.threads = self.full
+            self.full_since = self.clock()
             self.trial = TRIAL
             self.recent.clear()
             return None  # the full count is already in place for the try

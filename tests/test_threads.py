@@ -114,12 +114,31 @@ def test_a_failed_try_goes_back_and_waits_twice_as_long_up_to_a_bound() -> None:
         assert governor.observe(1, STEP * 30) == 1  # still slow: back
         wait = min(LAST_PROBE, wait * 2)
     assert governor.wait == LAST_PROBE
-    # a passed trial resets the wait
+    # a passed trial keeps the wait; a full team that then holds LAST_PROBE seconds resets it
     clock.now += LAST_PROBE
     assert governor.observe(1, STEP * 2) == 2
     for _ in range(TRIAL + 1):  # the try's own step, then the trial
         assert governor.observe(1, STEP) is None
-    assert governor.wait == FIRST_PROBE
+    assert governor.wait == LAST_PROBE
+    clock.now += LAST_PROBE
+    assert governor.observe(1, STEP * 50) == 1
+    assert governor.wait == FIRST_PROBE and governor.probe_at == clock.now + FIRST_PROBE
+
+
+def test_a_starved_team_drops_a_thread_even_without_a_baseline() -> None:
+    governor = ThreadGovernor(2, clock=Clock())
+    # contention from the start: every step is slow, so no "usual" time is known, but the
+    # team got a fifth of its cores' time (CPU time over threads x wall time)
+    assert governor.observe(1, 3.0, cpu=1.2) is None
+    assert governor.observe(1, 3.0, cpu=1.2) == 1
+    assert governor.baseline(1) is None  # starved steps never become the usual time
+
+
+def test_a_team_that_has_its_cores_is_not_starved() -> None:
+    governor, _ = warmed()
+    for _ in range(20):
+        assert governor.observe(1, STEP, cpu=STEP * 4 * 0.97) is None  # spinning counts as CPU time
+    assert governor.threads == 4
 
 
 def test_slow_full_team_steps_do_not_raise_the_baseline() -> None:
