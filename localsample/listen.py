@@ -34,6 +34,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -398,17 +399,7 @@ async def serve_app(
             port,
         )
     log.info("Host and Origin headers may name: %s", allowed.describe())
-    config = uvicorn.Config(
-        Guard(app, token=secret, allowed=allowed),
-        host=host,
-        port=port,
-        log_level="warning",
-        log_config=None,
-        access_log=False,
-        lifespan="on",
-        server_header=False,
-        timeout_graceful_shutdown=graceful_shutdown,
-    )
+    config = uvicorn_config(Guard(app, token=secret, allowed=allowed), graceful_shutdown, host=host, port=port)
     url = listen_url(host, port, path)
 
     def started() -> None:
@@ -426,7 +417,12 @@ async def serve_socket(
     are the credential: no :class:`Guard`) until cancelled, as :func:`serve_app` does;
     ``on_started`` is called once it accepts connections. The socket is closed on return;
     its file is the caller's to remove."""
-    config = uvicorn.Config(
+    await _run_listener(_Listener(uvicorn_config(app, graceful_shutdown), on_started), graceful_shutdown, [sock])
+
+
+def uvicorn_config(app: ASGIApp, graceful_shutdown: int, **where: Any) -> uvicorn.Config:
+    """uvicorn quiet (our own log lines only, no server header), for ``app`` at ``where``."""
+    return uvicorn.Config(
         app,
         log_level="warning",
         log_config=None,
@@ -434,8 +430,8 @@ async def serve_socket(
         lifespan="on",
         server_header=False,
         timeout_graceful_shutdown=graceful_shutdown,
+        **where,
     )
-    await _run_listener(_Listener(config, on_started), graceful_shutdown, [sock])
 
 
 async def _run_listener(
