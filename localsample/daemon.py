@@ -194,6 +194,8 @@ class Daemon:
                 group.start_soon(self.serve_tcp, self.listen)
             await self.stop_requested.wait()
             self.api.stop()
+            with anyio.move_on_after(GRACEFUL_SHUTDOWN_S):  # let cancelled answers send their end
+                await self.api.drained()
             group.cancel_scope.cancel()
 
     async def serve_tcp(self, listen: Listen) -> None:

@@ -38,7 +38,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from localsample.audit import AuditRecord
 from localsample.catalog import ModelEntry
@@ -161,10 +161,11 @@ class OpenAIServer:
         self.runtime = runtime
         self.in_flight: set[anyio.CancelScope] = set()
         self.stopping = False
+        self.open_requests = 0  # HTTP requests whose response is not fully sent yet
 
-    def app(self, routes: Sequence[BaseRoute] = ()) -> Starlette:
+    def app(self, routes: Sequence[BaseRoute] = ()) -> ASGIApp:
         """The API, plus ``routes`` of the caller's (the daemon's own, on its Unix socket)."""
-        return Starlette(
+        api = Starlette(
             routes=[
                 Route("/v1/models", self.list_models, methods=["GET"]),
                 Route("/v1/models/{name:path}", self.get_model, methods=["GET"]),
@@ -173,6 +174,21 @@ class OpenAIServer:
             ],
             exception_handlers={HTTPException: http_error},
         )
+
+        async def counted(scope: Scope, receive: Receive, send: Send) -> None:
+            self.open_requests += scope["type"] == "http"
+            try:
+                await api(scope, receive, send)
+            finally:
+                self.open_requests -= scope["type"] == "http"
+
+        return counted
+
+    async def drained(self) -> None:
+        """Return once every response has been sent whole (after :meth:`stop`, the cancelled
+        ones end with their error event); the caller bounds the wait."""
+        while self.open_requests:
+            await anyio.sleep(0.02)
 
     def stop(self) -> None:
         """Refuse new requests (503) and cancel those in flight (they get 503 too)."""
@@ -365,6 +381,6 @@ class ChatStream(Response):
         await events.end()
 
 
-def openai_app(runtime: Runtime) -> Starlette:
+def openai_app(runtime: Runtime) -> ASGIApp:
     """The API over ``runtime`` as one ASGI app (for a caller that never stops it early)."""
     return OpenAIServer(runtime).app()
