@@ -20,7 +20,10 @@ from localsample import __version__
 from localsample.approval import TerminalApprover
 from localsample.cli_audit import audit_app
 from localsample.cli_common import (
+    AllowHostOption,
+    AllowRemoteOption,
     JsonOption,
+    TokenOption,
     command_group,
     end_line,
     make_runtime,
@@ -209,20 +212,9 @@ def serve(
     listen: Annotated[
         str | None, typer.Option(help="Serve over Streamable HTTP at HOST:PORT instead of stdio.")
     ] = None,
-    allow_remote: Annotated[
-        bool, typer.Option("--allow-remote", help="Allow --listen on an address other than 127.0.0.1/localhost/::1.")
-    ] = False,
-    token: Annotated[
-        str | None,
-        typer.Option(
-            envvar="LOCALSAMPLE_TOKEN",
-            help="Bearer token HTTP clients must send (default: generated, printed once to stderr).",
-        ),
-    ] = None,
-    allow_host: Annotated[
-        list[str] | None,
-        typer.Option("--allow-host", help="Another NAME[:PORT] clients may use in Host/Origin (repeatable)."),
-    ] = None,
+    allow_remote: AllowRemoteOption = False,
+    token: TokenOption = None,
+    allow_host: AllowHostOption = None,
 ) -> None:
     """Serve MCP to a host, forwarding to SERVER(s) and answering their sampling locally.
 

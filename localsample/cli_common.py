@@ -34,6 +34,22 @@ INTERRUPTED = 130
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 """The `--json` flag, the same for every command that has one."""
 
+# What every HTTP listener (`serve --listen`, `daemon --listen`) is guarded by (listen.py).
+TokenOption = Annotated[
+    str | None,
+    typer.Option(
+        envvar="LOCALSAMPLE_TOKEN",
+        help="Bearer token HTTP clients must send with --listen (default: generated, printed once to stderr).",
+    ),
+]
+AllowRemoteOption = Annotated[
+    bool, typer.Option("--allow-remote", help="Allow --listen on an address other than 127.0.0.1/localhost/::1.")
+]
+AllowHostOption = Annotated[
+    list[str] | None,
+    typer.Option("--allow-host", help="Another NAME[:PORT] clients may use in Host/Origin (repeatable)."),
+]
+
 
 class ErrorBoundary(TyperGroup):
     """A command group that turns expected failures into one line on stderr and an exit status."""

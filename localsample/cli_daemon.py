@@ -10,7 +10,16 @@ from typing import Annotated
 
 import typer
 
-from localsample.cli_common import command_group, make_runtime, parse_listen, run_async, settings_with_logging
+from localsample.cli_common import (
+    AllowHostOption,
+    AllowRemoteOption,
+    TokenOption,
+    command_group,
+    make_runtime,
+    parse_listen,
+    run_async,
+    settings_with_logging,
+)
 from localsample.daemon import Daemon, Listen, stop_daemon
 from localsample.errors import ServerSpecError
 from localsample.listen import check_bind
@@ -29,20 +38,9 @@ def daemon(
         str | None,
         typer.Option(help="Also serve the API over HTTP at HOST:PORT (bearer token required)."),
     ] = None,
-    token: Annotated[
-        str | None,
-        typer.Option(
-            envvar="LOCALSAMPLE_TOKEN",
-            help="Bearer token HTTP clients must send with --listen (default: generated, printed once to stderr).",
-        ),
-    ] = None,
-    allow_remote: Annotated[
-        bool, typer.Option("--allow-remote", help="Allow --listen on an address other than 127.0.0.1/localhost/::1.")
-    ] = False,
-    allow_host: Annotated[
-        list[str] | None,
-        typer.Option("--allow-host", help="Another NAME[:PORT] clients may use in Host/Origin (repeatable)."),
-    ] = None,
+    token: TokenOption = None,
+    allow_remote: AllowRemoteOption = False,
+    allow_host: AllowHostOption = None,
 ) -> None:
     """Run one resident process that owns the models, with a local OpenAI-compatible API.
 
