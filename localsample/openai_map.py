@@ -13,7 +13,8 @@ OpenAI → GenerationRequest: ``system`` and ``developer`` messages → ``system
 ``user``/``assistant``/``tool`` messages → turns (assistant ``tool_calls`` with JSON-string
 arguments; ``tool`` messages answer them by ``tool_call_id``); ``max_completion_tokens``,
 else ``max_tokens``, else a default; ``tools`` + ``tool_choice`` (a named function becomes
-``required`` with only that tool offered); ``response_format`` ``json_schema`` /
+``required`` with only that tool offered); llama.cpp's ``top_k``, ``min_p`` and
+``repeat_penalty`` too (openai_request.py sends them); ``response_format`` ``json_schema`` /
 ``json_object`` → ``response_schema``. Completion → OpenAI: ``finish_reason`` stop /
 length / tool_calls, plus ``stop_reason``, the stop sequence matched (as vLLM reports it).
 """
@@ -120,6 +121,9 @@ class ChatRequest(Lenient):
     max_completion_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     tools: list[ToolIn] | None = None
@@ -128,6 +132,8 @@ class ChatRequest(Lenient):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     n: int | None = None
+    localsample: dict[str, Any] | None = None
+    """What an attached localsample client adds (attach_api.py)."""
 
     @property
     def include_usage(self) -> bool:
@@ -196,7 +202,8 @@ def to_generation_request(chat: ChatRequest, *, default_max_tokens: int = DEFAUL
         raise InvalidField(
             "temperature", f"temperature must be between 0 and 2 (got {chat.temperature})", "send a temperature in 0..2"
         )
-    for key, value in (("top_p", chat.top_p), ("seed", chat.seed)):
+    extra = {"top_p": chat.top_p, "top_k": chat.top_k, "min_p": chat.min_p, "repeat_penalty": chat.repeat_penalty}
+    for key, value in (*extra.items(), ("seed", chat.seed)):
         with field(key):
             check_sampling_ranges({key: value} if value is not None else {}, "")
     with field("stop"):
@@ -219,6 +226,9 @@ def to_generation_request(chat: ChatRequest, *, default_max_tokens: int = DEFAUL
             stop=tuple(stop),
             temperature=chat.temperature,
             top_p=chat.top_p,
+            top_k=chat.top_k,
+            min_p=chat.min_p,
+            repeat_penalty=chat.repeat_penalty,
             seed=chat.seed,
             tools=tools,
             tool_choice=choice,
