@@ -23,10 +23,11 @@ from localsample.cli_common import (
     AllowHostOption,
     AllowRemoteOption,
     JsonOption,
+    NoDaemonOption,
     TokenOption,
     command_group,
     end_line,
-    make_runtime,
+    make_client_runtime,
     output,
     parse_env,
     parse_listen,
@@ -89,9 +90,10 @@ def sample(
     stop: Annotated[list[str] | None, typer.Option(help="Stop sequence (repeatable).")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed, for repeatable sampling.")] = None,
     as_json: JsonOption = False,
+    no_daemon: NoDaemonOption = False,
 ) -> None:
     """Generate a reply to PROMPT locally, streaming it to stdout (with --json: one JSON object at the end)."""
-    runtime = make_runtime()
+    runtime = make_client_runtime("sample", no_daemon)
 
     async def go() -> None:
         try:
@@ -165,13 +167,14 @@ def call(
     protocol: ProtocolOption = "auto",
     as_json: JsonOption = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Do not show tokens live on stderr.")] = False,
+    no_daemon: NoDaemonOption = False,
 ) -> None:
     """Call one TOOL of an MCP server, answering its sampling requests locally.
 
     Prints the tool's text, or with --json the whole tool result.
     """
-    runtime = make_runtime()
     spec = ServerSpec.parse(server, env=parse_env(env), cwd=cwd, protocol=protocol)
+    runtime = make_client_runtime(f"call {tool}", no_daemon, spec.name)
     echo = None if as_json else terminal_echo(quiet)
     handler = SamplingHandler(runtime, server=spec.name, echo=echo, ask=TerminalApprover())
 
@@ -215,14 +218,16 @@ def serve(
     allow_remote: AllowRemoteOption = False,
     token: TokenOption = None,
     allow_host: AllowHostOption = None,
+    no_daemon: NoDaemonOption = False,
 ) -> None:
     """Serve MCP to a host, forwarding to SERVER(s) and answering their sampling locally.
 
     Put this in place of the server's own command in the host's MCP configuration.
     stdout carries the protocol; every log line goes to stderr.
     """
-    runtime = make_runtime()
     specs = [ServerSpec.parse(value, env=parse_env(env), cwd=cwd, protocol=protocol) for value in server]
+    names = ",".join(spec.name for spec in specs)
+    runtime = make_client_runtime("serve", no_daemon, names)
     proxy = Proxy(runtime, specs)
     address = parse_listen(listen) if listen else None
     if address is not None:

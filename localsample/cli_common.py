@@ -21,6 +21,7 @@ import anyio
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
+from localsample.attach import client_runtime
 from localsample.client import first_cause
 from localsample.errors import LocalsampleError, ServerSpecError
 from localsample.runtime import Runtime
@@ -44,6 +45,10 @@ TokenOption = Annotated[
 ]
 AllowRemoteOption = Annotated[
     bool, typer.Option("--allow-remote", help="Allow --listen on an address other than 127.0.0.1/localhost/::1.")
+]
+NoDaemonOption = Annotated[
+    bool,
+    typer.Option("--no-daemon", help="Generate in this process even when a localsample daemon runs (daemon = never)."),
 ]
 AllowHostOption = Annotated[
     list[str] | None,
@@ -154,6 +159,15 @@ def settings_with_logging() -> Settings:
 def make_runtime() -> Runtime:
     """Settings, catalog and model pool for one command, with logging set up."""
     return Runtime(settings_with_logging())
+
+
+def make_client_runtime(command: str, no_daemon: bool, server: str | None = None) -> Runtime:
+    """The runtime of a command that generates (serve, call, sample, run): attached to the
+    running daemon when the ``daemon`` setting (or ``--no-daemon``) allows, else in-process."""
+    settings = settings_with_logging()
+    if no_daemon:
+        settings = settings.model_copy(update={"daemon": "never"})
+    return client_runtime(settings, command, server)
 
 
 def run_async(func: Callable[[], Coroutine[Any, Any, T]]) -> T:

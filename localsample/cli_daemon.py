@@ -20,7 +20,7 @@ from localsample.cli_common import (
     run_async,
     settings_with_logging,
 )
-from localsample.daemon import Daemon, Listen, stop_daemon
+from localsample.daemon_socket import stop_daemon
 from localsample.errors import ServerSpecError
 from localsample.listen import check_bind
 
@@ -41,6 +41,10 @@ def daemon(
     token: TokenOption = None,
     allow_remote: AllowRemoteOption = False,
     allow_host: AllowHostOption = None,
+    idle_exit: Annotated[
+        float | None,
+        typer.Option(help="Exit after this many minutes without attached clients (daemon = spawn uses it).", min=0.01),
+    ] = None,
 ) -> None:
     """Run one resident process that owns the models, with a local OpenAI-compatible API.
 
@@ -50,6 +54,8 @@ def daemon(
     """
     if ctx.invoked_subcommand is not None:
         return
+    from localsample.daemon import Daemon, Listen  # the server side: only the daemon imports it
+
     options = None
     if listen is not None:
         host, port = parse_listen(listen)
@@ -57,7 +63,7 @@ def daemon(
         options = Listen(host, port, token, allow_remote, tuple(allow_host or ()))
     elif allow_remote or allow_host:
         raise ServerSpecError("--allow-remote and --allow-host apply only with --listen", "add --listen HOST:PORT")
-    run_async(Daemon(make_runtime(), options).run)
+    run_async(Daemon(make_runtime(), options, idle_exit).run)
 
 
 @daemon_app.command()

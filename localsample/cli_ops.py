@@ -8,12 +8,15 @@ from typing import Any
 import typer
 
 from localsample.cli_common import JsonOption, output, table
+from localsample.daemon_socket import daemon_status
 from localsample.doctor import Check, Level, diagnose, healthy
+from localsample.errors import DaemonError
 from localsample.gguf_file import human_size
 from localsample.reports import daemons
 from localsample.settings import load_settings
 
 PS_HEADER = ("PID", "MODEL", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL")
+CLIENTS_HEADER = ("PID", "COMMAND", "SERVER", "SINCE")
 
 
 def ps_rows(running: list[dict[str, Any]]) -> list[tuple[str, ...]]:
@@ -40,15 +43,37 @@ def ps_rows(running: list[dict[str, Any]]) -> list[tuple[str, ...]]:
     return rows
 
 
+def clients_lines(daemon: dict[str, Any]) -> list[str]:
+    """The daemon's attached clients, as `ps` prints them under the models."""
+    clients = daemon["clients"]
+    head = f"Daemon pid {daemon['pid']} ({daemon['socket']}): {daemon['requests']} requests open, "
+    head += f"{len(clients)} client{'' if len(clients) == 1 else 's'} attached" + (":" if clients else ".")
+    since = [time.strftime("%H:%M:%S", time.localtime(c["since"])) for c in clients]
+    rows = [(str(c["pid"]), c["command"], c["server"] or "-", s) for c, s in zip(clients, since, strict=True)]
+    return ["", head, *(table(CLIENTS_HEADER, rows) if rows else [])]
+
+
 def ps_command(as_json: JsonOption = False) -> None:
-    """Show the models loaded by running `localsample serve` processes."""
-    running = daemons(load_settings().state_dir)
+    """Show the models loaded by running `localsample serve` processes and the daemon, and the
+    clients attached to the daemon."""
+    settings = load_settings()
+    running = daemons(settings.state_dir)
+    try:
+        daemon: dict[str, Any] | None = daemon_status(settings)
+    except DaemonError:
+        daemon = None
+    for status in running:
+        if daemon is not None and status["pid"] == daemon["pid"]:
+            status["clients"] = daemon["clients"]
 
     def text() -> list[str]:
         rows = ps_rows(running)
-        if not rows:
-            return ["No models loaded" + ("" if running else " (no localsample serve is running)") + "."]
-        return table(PS_HEADER, rows)
+        lines = (
+            table(PS_HEADER, rows)
+            if rows
+            else ["No models loaded" + ("" if running else " (no localsample serve is running)") + "."]
+        )
+        return lines + (clients_lines(daemon) if daemon is not None else [])
 
     output(running, as_json, text)
 

@@ -29,8 +29,9 @@ from localsample.approval import TerminalApprover, in_daemon_thread
 from localsample.cli_common import (
     INTERRUPTED,
     JsonOption,
+    NoDaemonOption,
     end_line,
-    make_runtime,
+    make_client_runtime,
     parse_env,
     print_json,
     run_async,
@@ -129,6 +130,7 @@ def run_command(
     resume: Annotated[Path | None, typer.Option(help="Go on from a conversation saved with --save.")] = None,
     as_json: JsonOption = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Show only the final answer.")] = False,
+    no_daemon: NoDaemonOption = False,
 ) -> None:
     """Do TASK with a local model that uses the servers' tools, offline.
 
@@ -151,7 +153,7 @@ def run_command(
     if system is not None:
         conversation.system = system
     options = AgentOptions(model, max_steps, max_tokens, temperature, tool_choice)  # type: ignore[arg-type]
-    runtime = make_runtime()
+    runtime = make_client_runtime("run", no_daemon, ",".join(spec.name for spec in specs))
     if runtime.settings.log_level == "info":  # the run's own lines say what happens; keep warnings
         logging.getLogger("localsample").setLevel(logging.WARNING)
     show = not (quiet or as_json)

@@ -32,44 +32,36 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx2
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from localsample.attach_api import AttachedClients
+from localsample.daemon_socket import (
+    ATTACH_PATH,
+    LOCK_NAME,
+    SOCKET_MODE,
+    SOCKET_URL,
+    STATUS_PATH,
+    STOP_PATH,
+    run_dir,
+    socket_path,
+)
 from localsample.errors import DaemonError
 from localsample.listen import serve_app, serve_socket
 from localsample.openai_api import OpenAIServer
 from localsample.runtime import Runtime
-from localsample.settings import Settings, private_dir
+from localsample.settings import private_dir
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Daemon", "Listen", "daemon_status", "socket_path", "stop_daemon"]
+__all__ = ["Daemon", "Listen"]
 
-SOCKET_NAME = "daemon.sock"
-LOCK_NAME = "daemon.lock"
-STATUS_PATH = "/localsample/status"
-STOP_PATH = "/localsample/stop"
-SOCKET_MODE = 0o600
 GRACEFUL_SHUTDOWN_S = 1
 """Seconds the listeners wait for open connections once requests in flight are cancelled."""
-STOP_WAIT_S = 10.0
-"""How long `localsample daemon stop` waits for the daemon to exit."""
 REAP_INTERVAL = 5.0
 """Seconds between checks for idle models whose keep-alive has run out."""
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-SOCKET_URL = "http://localsample"
-"""The base URL of requests over the Unix socket (the host name is not looked at)."""
-
-
-def run_dir(settings: Settings) -> Path:
-    """Where running daemons keep their socket, lock and status (as `ps` reads them)."""
-    return settings.state_dir / "run"
-
-
-def socket_path(settings: Settings) -> Path:
-    return run_dir(settings) / SOCKET_NAME
 
 
 @dataclass(frozen=True)
@@ -113,21 +105,6 @@ class DaemonLock:
             self.fd = None
 
 
-def is_locked(path: Path) -> bool:
-    """Whether a live daemon holds the lock at ``path``."""
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing releases a lock taken here
-    return False
-
-
 def bind_socket(path: Path) -> socket.socket:
     """A listening-ready Unix socket at ``path`` (mode 0600); the caller holds the lock, so
     a file already there is left from a daemon that ended without removing it."""
@@ -150,10 +127,13 @@ def bind_socket(path: Path) -> socket.socket:
 class Daemon:
     """The daemon: owns ``runtime`` (and closes it when :meth:`run` returns)."""
 
-    def __init__(self, runtime: Runtime, listen: Listen | None = None) -> None:
+    def __init__(self, runtime: Runtime, listen: Listen | None = None, idle_exit: float | None = None) -> None:
         self.runtime = runtime
         self.listen = listen
+        self.idle_exit = idle_exit
+        """Minutes without attached clients or requests after which the daemon exits (None: never)."""
         self.api = OpenAIServer(runtime)
+        self.clients = AttachedClients()
         self.socket = socket_path(runtime.settings)
         self.stop_requested: anyio.Event | None = None
         self.listening: anyio.Event | None = None
@@ -180,7 +160,11 @@ class Daemon:
         self.starting = 1 if self.listen is None else 2
         self.runtime.publishing = True
         local = self.api.app(
-            [Route(STATUS_PATH, self.status, methods=["GET"]), Route(STOP_PATH, self.stop, methods=["POST"])]
+            [
+                Route(STATUS_PATH, self.status, methods=["GET"]),
+                Route(STOP_PATH, self.stop, methods=["POST"]),
+                Route(ATTACH_PATH, self.clients.attach, methods=["POST"]),
+            ]
         )
         async with anyio.create_task_group() as group:
             group.start_soon(self.stop_on_signal)
@@ -254,6 +238,18 @@ class Daemon:
         while True:
             await anyio.sleep(REAP_INTERVAL)
             self.runtime.reap()
+            self.exit_when_idle()
+
+    def exit_when_idle(self) -> None:
+        """With ``idle_exit`` (a daemon started by ``daemon = "spawn"``): stop once no client has
+        been attached and no request open for that many minutes."""
+        if self.idle_exit is None:
+            return
+        if self.clients.live() or self.api.in_flight:
+            self.clients.last_seen = time.monotonic()
+            return
+        if time.monotonic() - self.clients.last_seen >= self.idle_exit * 60:
+            self.request_stop(f"no clients for {self.idle_exit:g} minutes (daemon_idle_exit)")
 
     def status_json(self) -> dict[str, Any]:
         listen = self.listen
@@ -263,6 +259,8 @@ class Daemon:
             "socket": str(self.socket),
             "listen": f"{listen.host}:{listen.port}" if listen is not None else None,
             "models": list(self.runtime.pool.status()),
+            "requests": len(self.api.in_flight),
+            "clients": self.clients.status(),
         }
 
     async def status(self, request: Request) -> Response:
@@ -271,38 +269,3 @@ class Daemon:
     async def stop(self, request: Request) -> Response:
         self.request_stop("stop requested over the socket")
         return JSONResponse({**self.status_json(), "stopping": True})
-
-
-def socket_request(settings: Settings, method: str, path: str) -> dict[str, Any]:
-    """A request to the running daemon over its socket; DaemonError if none answers."""
-    sock = socket_path(settings)
-    fix = "start one with `localsample daemon`"
-    if not sock.exists():
-        raise DaemonError(f"no localsample daemon runs (no socket at {sock})", fix)
-    try:
-        with httpx2.Client(transport=httpx2.HTTPTransport(uds=str(sock)), timeout=10.0) as client:
-            response = client.request(method, SOCKET_URL + path)
-    except httpx2.TransportError as exc:
-        raise DaemonError(f"no localsample daemon answers on {sock} ({exc})", fix) from exc
-    if response.status_code != 200:
-        raise DaemonError(f"the daemon on {sock} answered {method} {path} with {response.status_code}", None)
-    data: dict[str, Any] = response.json()
-    return data
-
-
-def daemon_status(settings: Settings) -> dict[str, Any]:
-    """What the running daemon reports: pid, socket, listen address, loaded models."""
-    return socket_request(settings, "GET", STATUS_PATH)
-
-
-def stop_daemon(settings: Settings, wait: float = STOP_WAIT_S) -> int:
-    """Ask the running daemon to exit and wait until it has; its pid. DaemonError if none
-    runs, or if it is still running after ``wait`` seconds."""
-    pid = int(socket_request(settings, "POST", STOP_PATH)["pid"])
-    lock = run_dir(settings) / LOCK_NAME
-    deadline = time.monotonic() + wait
-    while is_locked(lock):
-        if time.monotonic() > deadline:
-            raise DaemonError(f"the daemon (pid {pid}) did not stop within {wait:g} s", f"end it with `kill {pid}`")
-        time.sleep(0.05)
-    return pid

@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-import llama_cpp
-
 from localsample.catalog import Catalog, load_catalog, resolve_model_path
 from localsample.errors import LocalsampleError, ModelFileError
 from localsample.gguf_file import human_size, read_gguf
@@ -56,11 +54,15 @@ def error(what: str, fix: str | None) -> Check:
 
 def gpu_offload() -> bool:
     """Whether this llama.cpp build can offload layers to a GPU."""
+    import llama_cpp  # here, not at the top: `ps` and attached clients import this module's neighbours
+
     return bool(llama_cpp.llama_supports_gpu_offload())
 
 
 def build_checks() -> list[Check]:
     """The llama.cpp build: version, GPU offload, CPU features."""
+    import llama_cpp
+
     gpu = gpu_offload()
     features = llama_cpp.llama_print_system_info().decode().strip().removeprefix("CPU : ")
     return [

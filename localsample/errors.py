@@ -69,6 +69,7 @@ __all__ = [
     "UnknownModelError",
     "UnsupportedContentError",
     "is_connection_closed",
+    "rebuilt",
 ]
 
 
@@ -202,3 +203,15 @@ def is_connection_closed(code: int, message: str) -> bool:
     a server may use -32000 for its own errors too, hence the message check.
     """
     return code == CONNECTION_CLOSED and "connection closed" in message.lower()
+
+
+def rebuilt(kind: str, problem: str, fix: str | None) -> LocalsampleError:
+    """An error another localsample process sent (the daemon, to an attached client) as its
+    own class again, so that MCP codes and handling are the same as in-process; a class
+    this version does not know becomes a plain ``LocalsampleError``."""
+    cls = globals().get(kind)
+    if not (isinstance(cls, type) and issubclass(cls, LocalsampleError)):
+        cls = LocalsampleError
+    error = cls.__new__(cls)
+    LocalsampleError.__init__(error, problem, fix)
+    return error

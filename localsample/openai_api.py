@@ -27,7 +27,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 from openai.types import Model
@@ -40,8 +40,20 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from localsample.attach_api import (
+    Asks,
+    ClientAsker,
+    EventStream,
+    Extension,
+    SendEvent,
+    answer_event,
+    choice_of,
+    error_event,
+    event,
+)
 from localsample.audit import AuditRecord
 from localsample.catalog import ModelEntry
+from localsample.daemon_socket import ASK_PATH
 from localsample.errors import (
     BusyError,
     ContextOverflowError,
@@ -51,9 +63,10 @@ from localsample.errors import (
     RequestError,
     UnknownModelError,
 )
-from localsample.generation import GenerationRequest, OnText
+from localsample.generation import GenerationRequest
 from localsample.openai_map import (
     DEFAULT_MAX_TOKENS,
+    ChatRequest,
     Chunks,
     InvalidField,
     chat_completion,
@@ -159,6 +172,7 @@ class OpenAIServer:
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        self.asks = Asks()
         self.in_flight: set[anyio.CancelScope] = set()
         self.stopping = False
         self.open_requests = 0  # HTTP requests whose response is not fully sent yet
@@ -170,6 +184,7 @@ class OpenAIServer:
                 Route("/v1/models", self.list_models, methods=["GET"]),
                 Route("/v1/models/{name:path}", self.get_model, methods=["GET"]),
                 Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+                Route(ASK_PATH, self.asks.answer, methods=["POST"]),
                 *routes,
             ],
             exception_handlers={HTTPException: http_error},
@@ -254,6 +269,8 @@ class OpenAIServer:
             if self.stopping:
                 raise BusyError("localsample is stopping", "retry once it runs again")
             chat = parse_chat(await read_body(request))
+            if chat.localsample is not None:
+                return self.attached(chat)
             cap = self.runtime.settings.server(client).max_tokens
             generation = to_generation_request(chat, default_max_tokens=cap or DEFAULT_MAX_TOKENS)
             choice = self.choose(chat.model, generation, client)
@@ -265,7 +282,9 @@ class OpenAIServer:
             return ChatStream(
                 self, generation, origin, choice, Chunks(request_id, int(time.time()), chat.include_usage)
             )
-        outcome = await self.generate(request.receive, generation, origin, choice, None)
+        outcome = await self.generate(
+            request.receive, origin, lambda: self.runtime.answer(generation, origin, choice=choice)
+        )
         if isinstance(outcome, Answer):
             body = chat_completion(request_id, int(time.time()), outcome.completion)
             return Response(body.model_dump_json(exclude_unset=True), media_type=JSON)
@@ -278,11 +297,56 @@ class OpenAIServer:
         record.decision, record.error = decision_of(exc), exc.one_line()
         self.runtime.record(record)
 
-    async def generate(
-        self, receive: Receive, request: GenerationRequest, origin: Origin, choice: Choice, on_text: OnText | None
-    ) -> Outcome:
-        """Run the pipeline until it answers, fails (:meth:`stop` too is an error: busy), or the
-        client disconnects (None)."""
+    def attached(self, chat: ChatRequest) -> Response:
+        """A request of an attached client (its ``localsample`` block: attach_api.py)."""
+        try:
+            extension = Extension.parse(chat.localsample)
+        except LocalsampleError as exc:
+            failed = exc
+
+            async def refuse(_receive: Receive, send: SendEvent) -> None:
+                await send(error_event(failed))
+
+            return EventStream(refuse)
+        origin = extension.origin()
+
+        async def produce(receive: Receive, send: SendEvent) -> None:
+            try:
+                cap = self.runtime.settings.server(origin.server).max_tokens
+                generation = to_generation_request(chat, default_max_tokens=cap or DEFAULT_MAX_TOKENS)
+                choice = choice_of(extension, self.runtime.catalog)
+            except LocalsampleError as exc:
+                self.refused(origin.server, origin.request_id, exc)
+                await send(error_event(exc))
+                return
+
+            async def on_text(text: str, tokens: int) -> None:
+                await send(event(text=text, tokens=tokens))
+
+            ask = ClientAsker(self.asks, send) if extension.ask else None
+            outcome = await self.generate(
+                receive,
+                origin,
+                lambda: self.runtime.answer(
+                    generation,
+                    origin,
+                    prefs=extension.preferences(),
+                    model=extension.model,
+                    choice=choice,
+                    ask=ask,
+                    on_text=on_text,
+                ),
+            )
+            if isinstance(outcome, Answer):
+                await send(answer_event(outcome))
+            elif outcome is not None:
+                await send(error_event(outcome))
+
+        return EventStream(produce)
+
+    async def generate(self, receive: Receive, origin: Origin, answer: Callable[[], Awaitable[Answer]]) -> Outcome:
+        """Run the pipeline (``answer``) until it answers, fails (:meth:`stop` too is an error:
+        busy), or the client disconnects (None)."""
         outcome: Outcome = None
         async with anyio.create_task_group() as group:
             self.in_flight.add(group.cancel_scope)
@@ -291,7 +355,7 @@ class OpenAIServer:
                     group.cancel_scope.cancel()
                 group.start_soon(cancel_on_disconnect, receive, group.cancel_scope)
                 try:
-                    outcome = await self.runtime.answer(request, origin, choice=choice, on_text=on_text)
+                    outcome = await answer()
                 except LocalsampleError as exc:
                     outcome = exc
                 except Exception:
@@ -357,7 +421,10 @@ class ChatStream(Response):
 
         # With tools offered, the text may hold a call's raw form: it is sent, parsed, at the end.
         streamed = None if self.request.offers_tools else on_text
-        outcome = await self.server.generate(receive, self.request, self.origin, self.choice, streamed)
+        server, request, origin, choice = self.server, self.request, self.origin, self.choice
+        outcome = await server.generate(
+            receive, origin, lambda: server.runtime.answer(request, origin, choice=choice, on_text=streamed)
+        )
         if outcome is None:  # the client went away: nobody to tell
             return
         if isinstance(outcome, LocalsampleError):

@@ -144,6 +144,14 @@ class Settings(BaseSettings):
     tool_result_share: float = Field(
         0.25, gt=0, le=1, description="`run`: most of the model's context one tool result may fill (the rest is cut)"
     )
+    daemon: Literal["auto", "spawn", "never"] = Field(
+        "auto",
+        description="serve/call/sample/run: use a running `localsample daemon` (auto), start one when none "
+        "runs (spawn), or always generate in-process (never; --no-daemon)",
+    )
+    daemon_idle_exit: float = Field(
+        10.0, gt=0, description="minutes a daemon started by daemon = spawn waits without clients before it exits"
+    )
     audit: bool = Field(True, description="write one JSON line per sampling request to log_dir/audit.jsonl")
     audit_text: bool = Field(False, description="include prompt and response text in the audit trail")
     audit_max_bytes: int = Field(10_000_000, ge=10_000, description="rotate the audit file past this size")

@@ -8,17 +8,11 @@ Requests are greedy (temperature 0) and short."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import socket
 import stat
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,85 +22,11 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
+from .daemon_process import TOKEN, Running, end, start_daemon
+
 pytestmark = pytest.mark.slow
 SMOL = "smollm2-135m-instruct"
-TOKEN = "test-token-for-the-daemon"
 STORY: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me a long story about a cat."}]
-START_TIMEOUT = 90.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Running:
-    process: subprocess.Popen[bytes]
-    env: dict[str, str]
-    root: Path
-    port: int | None
-
-    @property
-    def socket(self) -> Path:
-        return self.root / "state" / "run" / "daemon.sock"
-
-    @property
-    def stderr(self) -> str:
-        return (self.root / "stderr.txt").read_text()
-
-    def client(self, token: str = TOKEN) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=token, max_retries=0, timeout=60)
-
-    def over_socket(self) -> httpx2.Client:
-        transport = httpx2.HTTPTransport(uds=str(self.socket))
-        return httpx2.Client(transport=transport, base_url="http://localsample", timeout=60)
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        command = [sys.executable, "-m", "localsample", *args]
-        return subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=60)
-
-    def audit(self) -> list[dict[str, Any]]:
-        return [json.loads(x) for x in (self.root / "logs" / "audit.jsonl").read_text().splitlines()]
-
-
-def start_daemon(root: Path, listen: bool = True) -> Running:
-    """A daemon in ``root`` (short: a Unix socket's path has at most 107 bytes), answering."""
-    env = dict(os.environ) | {
-        "LOCALSAMPLE_STATE_DIR": str(root / "state"),
-        "LOCALSAMPLE_LOG_DIR": str(root / "logs"),
-        "LOCALSAMPLE_CONFIG": str(root / "config.toml"),
-        "LOCALSAMPLE_CATALOG_PATH": str(root / "models.toml"),
-    }
-    port = free_port() if listen else None
-    args = ["--listen", f"127.0.0.1:{port}", "--token", TOKEN] if listen else []
-    with (root / "stderr.txt").open("wb") as errors:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "localsample", "daemon", *args], env=env, stdout=errors, stderr=errors
-        )
-    running = Running(process, env, root, port)
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        assert process.poll() is None, running.stderr
-        try:
-            with running.over_socket() as http:
-                if http.get("/v1/models").status_code == 200:
-                    return running
-        except httpx2.TransportError:
-            pass
-        assert time.monotonic() < deadline, f"the daemon did not answer within {START_TIMEOUT:g} s:\n{running.stderr}"
-        time.sleep(0.2)
-
-
-def end(running: Running) -> None:
-    if running.process.poll() is None:
-        running.process.send_signal(signal.SIGTERM)
-        try:
-            running.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            running.process.kill()
-            running.process.wait()
 
 
 @pytest.fixture(scope="module")
