@@ -63,8 +63,8 @@ def ps_command(as_json: JsonOption = False) -> None:
     except DaemonError:
         daemon = None
     for status in running:
-        if daemon is not None and status["pid"] == daemon["pid"]:
-            status["clients"] = daemon["clients"]
+        if daemon is not None and status["pid"] == daemon["pid"]:  # its live view, with clients and counters
+            status.update(models=daemon["models"], clients=daemon["clients"], requests=daemon["requests"])
 
     def text() -> list[str]:
         rows = ps_rows(running)

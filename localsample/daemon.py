@@ -258,10 +258,25 @@ class Daemon:
             "started": self.runtime.started,
             "socket": str(self.socket),
             "listen": f"{listen.host}:{listen.port}" if listen is not None else None,
-            "models": list(self.runtime.pool.status()),
+            "models": self.models_status(),
             "requests": len(self.api.in_flight),
             "clients": self.clients.status(),
         }
+
+    def models_status(self) -> list[dict[str, Any]]:
+        """The pool's status of each loaded model, with its requests running and queued and,
+        for the llama.cpp engine, its batch counters (widest step: most requests decoded
+        together, the evidence that requests from several hosts share steps)."""
+        residents = {resident.model.id: resident for resident in self.runtime.pool.loaded()}
+        models = list(self.runtime.pool.status())
+        for model in models:
+            resident = residents[model["id"]]
+            running = resident.generator.running
+            model["running"], model["queued"] = running, max(resident.in_flight - running, 0)
+            batcher = getattr(resident.generator, "batcher", None)  # the llama.cpp engine's scheduler
+            if batcher is not None:
+                model["widest_step"], model["tokens_generated"] = batcher.widest_step, batcher.tokens_generated
+        return models
 
     async def status(self, request: Request) -> Response:
         return JSONResponse(self.status_json())

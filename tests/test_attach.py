@@ -131,9 +131,9 @@ def test_call_through_the_daemon_keeps_stop_reasons_progress_and_tool_calls(daem
 
 
 @asynccontextmanager
-async def host(daemon: Running) -> AsyncIterator[Client]:
-    """An SDK host running `localsample serve` for the sampling server named ``limited``."""
-    args = ["-m", "localsample", "serve", "--server", f"limited={sys.executable} {SERVER}"]
+async def host(daemon: Running, name: str = "limited") -> AsyncIterator[Client]:
+    """An SDK host running `localsample serve` for the sampling server, under ``name``."""
+    args = ["-m", "localsample", "serve", "--server", f"{name}={sys.executable} {SERVER}"]
     async with Client(StdioServerParameters(command=sys.executable, args=args, env=daemon.env)) as client:
         yield client
 
@@ -151,6 +151,22 @@ async def test_two_hosts_share_one_daemon_its_model_and_a_servers_rate_limit(dae
     assert not ok.is_error and json.loads(ok.content[0].text)["stopReason"] == "maxTokens"  # type: ignore[union-attr]
     decisions = [record["decision"] for record in audit_of(daemon, "limited")]
     assert decisions[-2:] == ["approved", "rejected"]
+
+
+async def test_requests_from_two_hosts_are_decoded_in_shared_steps(daemon: Running) -> None:
+    async with host(daemon, "one") as first, host(daemon, "two") as second:
+        results = []
+
+        async def write(client: Client) -> None:
+            results.append(await client.call_tool("write", {"topic": "the sea", "max_tokens": 48}))
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(write, first)
+            group.start_soon(write, second)
+    assert len(results) == 2 and not any(result.is_error for result in results)
+    status = json.loads(daemon.cli("ps", "--json").stdout)
+    model = next(s for s in status if s["pid"] == daemon.process.pid)["models"][0]
+    assert model["widest_step"] >= 2 and model["running"] == 0 and model["queued"] == 0
 
 
 # -- in this process, attached ---------------------------------------------------------------
