@@ -22,6 +22,7 @@ attaches again once a daemon answers; in ``spawn`` it starts a new one first.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -29,8 +30,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +158,8 @@ class AttachedRuntime(Runtime):
         self.daemon_pid: int | None = daemon_pid
         self.socket = socket_path(settings)
         self.said_in_process = False
+        self.http: httpx2.AsyncClient | None = None
+        self.http_loop: asyncio.AbstractEventLoop | None = None
         """Whether the fall back on in-process generation was logged (once until attached again)."""
 
     @property
@@ -206,11 +207,24 @@ class AttachedRuntime(Runtime):
             self.daemon_pid, self.said_in_process = pid, False
             log.info("attached again to the localsample daemon (%s)", self.where())
 
-    @asynccontextmanager
-    async def client(self) -> AsyncIterator[httpx2.AsyncClient]:
-        timeout = httpx2.Timeout(SILENCE_LIMIT_S, connect=CONNECT_TIMEOUT_S)
-        async with httpx2.AsyncClient(transport=transport(self.socket), timeout=timeout) as http:
-            yield http
+    def client(self) -> httpx2.AsyncClient:
+        """The HTTP client for the daemon's socket: one per event loop, so that requests reuse
+        their connections (a new client and connection per request cost ~1.5 ms)."""
+        loop = asyncio.get_running_loop()
+        if self.http is None or self.http_loop is not loop:
+            timeout = httpx2.Timeout(SILENCE_LIMIT_S, connect=CONNECT_TIMEOUT_S)
+            self.http, self.http_loop = httpx2.AsyncClient(transport=transport(self.socket), timeout=timeout), loop
+        return self.http
+
+    async def forget_client(self) -> None:
+        if self.http is not None and self.http_loop is asyncio.get_running_loop():
+            await self.http.aclose()
+        self.http = None
+
+    async def aclose(self) -> None:
+        await super().aclose()  # first: nothing before it awaits, so a cancellation cannot skip it
+        with anyio.CancelScope(shield=True):
+            await self.forget_client()
 
     async def remote(
         self,
@@ -238,16 +252,17 @@ class AttachedRuntime(Runtime):
             "model": model,
             "choice": {"model": choice.model.id, "reason": choice.reason} if choice else None,
             "ask": ask is not None and ask.available(),
+            "text": on_text is not None,
         }
         try:
-            async with self.client() as http:
-                try:
-                    async with http.stream("POST", SOCKET_URL + "/v1/chat/completions", json=body) as response:
-                        if response.status_code != 200:
-                            raise status_error(response.status_code, await response.aread())
-                        return await self.events(response, request, origin, ask, on_text)
-                except (httpx2.ConnectError, FileNotFoundError, ConnectionRefusedError) as exc:
-                    raise DaemonGone(str(exc)) from exc
+            try:
+                async with self.client().stream("POST", SOCKET_URL + "/v1/chat/completions", json=body) as response:
+                    if response.status_code != 200:
+                        raise status_error(response.status_code, await response.aread())
+                    return await self.events(response, request, origin, ask, on_text)
+            except (httpx2.ConnectError, FileNotFoundError, ConnectionRefusedError) as exc:
+                await self.forget_client()
+                raise DaemonGone(str(exc)) from exc
         except httpx2.TimeoutException as exc:
             raise DaemonError(
                 f"the localsample daemon ({self.where()}) said nothing for {SILENCE_LIMIT_S:g} s while answering",
@@ -259,6 +274,7 @@ class AttachedRuntime(Runtime):
                 "its log says why; the next request attaches again, or generates in-process",
             )
             self.daemon_pid = None  # the next request looks again
+            await self.forget_client()
             raise gone from exc
 
     async def events(
@@ -320,8 +336,7 @@ class AttachedRuntime(Runtime):
                 "request": edited,
             }
         try:
-            async with self.client() as http:
-                await http.post(SOCKET_URL + ASK_PATH.format(ask_id=question["id"]), json=answer)
+            await self.client().post(SOCKET_URL + ASK_PATH.format(ask_id=question["id"]), json=answer)
         except httpx2.HTTPError as exc:  # the request's own stream reports what became of the daemon
             log.warning("%s: the answer to the daemon's question was not delivered: %s", origin.server, exc)
 

@@ -6,13 +6,15 @@ They use the same ``POST /v1/chat/completions`` as any OpenAI client, with a
 
     "localsample": {"server": "blog-tools", "request_id": "7", "protocol": "2025-11-25",
                     "via": null, "hints": ["haiku"], "cost": 0.8, "speed": null,
-                    "intelligence": null, "model": null, "choice": null, "ask": true}
+                    "intelligence": null, "model": null, "choice": null, "ask": true,
+                    "text": true}
 
 ``server`` names the server whose settings (policy, limits) apply and which the audit
 records; ``hints`` and the priorities select the model as an MCP request's
 ``modelPreferences`` would; ``model`` names one explicitly; ``choice`` is a selection the
 client made before (``{"model": id, "reason": why}``: the agent keeps one model per
-conversation); ``ask`` says that the client can ask its user. Such a request is always
+conversation); ``ask`` says that the client can ask its user; ``text`` whether it wants
+the text while it is generated (progress). Such a request is always
 streamed, and its events carry the exact library values instead of OpenAI's lossy ones:
 
     {"localsample": {"text": "Once", "tokens": 1}}          a piece of text (progress)
@@ -101,6 +103,9 @@ class Extension(BaseModel):
     model: str | None = None
     choice: ChoiceIn | None = None
     ask: bool = False
+    text: bool = True
+    """Whether to send the text as it is generated (a client that shows no progress saves
+    the events and the wake-ups per token)."""
 
     @classmethod
     def parse(cls, value: object) -> Extension:

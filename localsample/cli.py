@@ -119,7 +119,7 @@ def sample(
             )
             completion, reason = answer.completion, answer.reason
         finally:
-            runtime.close()
+            await runtime.aclose()
         if as_json:
             print_json(completion_json(completion, reason))
         else:
@@ -189,7 +189,7 @@ def call(
                 connect_timeout=runtime.settings.connect_timeout,
             )
         finally:
-            runtime.close()
+            await runtime.aclose()
 
     result = run_async(go)
     if echo is not None:
@@ -243,7 +243,7 @@ def serve(
                     host, port, token=token, allow_remote=allow_remote, extra_hosts=tuple(allow_host or ())
                 )
         finally:
-            runtime.close()
+            await runtime.aclose()
 
     run_async(go)
     if proxy.exit_status:  # stopped by SIGINT

@@ -181,7 +181,7 @@ def run_command(
                 return await session.turn(task, ends_run=True)
         finally:
             session.save_now()
-            runtime.close()
+            await runtime.aclose()
 
     result = run_async(go)
     if session.interrupted:

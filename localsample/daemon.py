@@ -158,7 +158,7 @@ class Daemon:
     async def serve(self, sock: socket.socket) -> None:
         self.stop_requested, self.listening = anyio.Event(), anyio.Event()
         self.starting = 1 if self.listen is None else 2
-        self.runtime.publishing = True
+        self.runtime.publishing = self.runtime.status_served = True
         local = self.api.app(
             [
                 Route(STATUS_PATH, self.status, methods=["GET"]),

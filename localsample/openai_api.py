@@ -334,7 +334,7 @@ class OpenAIServer:
                     model=extension.model,
                     choice=choice,
                     ask=ask,
-                    on_text=on_text,
+                    on_text=on_text if extension.text else None,
                 ),
             )
             if isinstance(outcome, Answer):

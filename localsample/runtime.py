@@ -127,6 +127,9 @@ class Runtime:
         self.pool = Pool(self.catalog, self.settings, factory)
         self.limits = Limits(self.settings)
         self.publishing = False  # `serve` turns this on: its status is what `ps` shows
+        self.status_served = False
+        """A daemon serves its status live (`ps` asks it), so its status file is rewritten
+        only when models load or unload, not after every request (~1 ms each)."""
         self.started = time.time()
         self.audit = AuditLog.from_settings(self.settings) if self.settings.audit else None
         self._check_settings()
@@ -167,7 +170,8 @@ class Runtime:
             async with self.pool.use(choice.model) as generator:
                 return await generator.generate(request, on_text, queue_timeout=self.settings.queue_timeout)
         finally:
-            self.publish_status()
+            if not self.status_served:
+                self.publish_status()
 
     # -- the request pipeline ------------------------------------------------------------
 
@@ -314,6 +318,10 @@ class Runtime:
             partial.replace(self.status_file)
         except OSError as exc:
             log.debug("status for `ps` not written: %s", exc)
+
+    async def aclose(self) -> None:
+        """:meth:`close`, from the event loop (an attached runtime also closes its connections)."""
+        self.close()
 
     def close(self) -> None:
         self.pool.close()

@@ -269,7 +269,7 @@ async def test_a_killed_daemon_fails_the_request_then_the_client_falls_back_and_
             runtime.attached and f"attached again to the localsample daemon (pid {running.process.pid}" in caplog.text
         )
         assert [r["request_id"] for r in running.audit() if r["server"] == "k"][-1] == "k3"
-        runtime.close()
+        await runtime.aclose()
     finally:
         end(running)
         shutil.rmtree(root, ignore_errors=True)
