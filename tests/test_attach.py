@@ -299,3 +299,17 @@ def test_daemon_never_and_no_daemon_stay_in_process(daemon: Running, monkeypatch
     never = client_runtime(settings.model_copy(update={"daemon": "never"}), "pytest")
     assert type(never) is Runtime
     assert os.environ["LOCALSAMPLE_STATE_DIR"] == str(daemon.root / "state")
+
+
+def test_bad_input_on_the_attach_routes_is_refused_and_the_daemon_keeps_serving(daemon: Running) -> None:
+    with daemon.over_socket() as http:
+        body = {"model": "auto", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+        refused = http.post("/v1/chat/completions", json=body | {"localsample": {"cost": 7}})
+        events = [json.loads(line[6:]) for line in refused.text.splitlines() if line.startswith("data: {")]
+        assert events[-1]["localsample"]["error"]["kind"] == "RequestError"
+        assert "localsample.cost" in events[-1]["localsample"]["error"]["problem"]
+        assert http.post("/localsample/asks/no-such-question", json={"approved": True}).status_code == 404
+        assert http.post("/localsample/attach", content=b"not json").status_code == 400
+        answered = http.post("/v1/chat/completions", json=body | {"localsample": {"server": "fine", "text": False}})
+        last = json.loads([line for line in answered.text.splitlines() if line.startswith("data: {")][-1][6:])
+        assert last["localsample"]["answer"]["completion_tokens"] == 2
