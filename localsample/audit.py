@@ -6,7 +6,8 @@ error) and ``by``
 (who decided), ``model`` and
 ``reason`` (why that model), ``prompt_tokens``, ``completion_tokens``,
 ``time_to_first_token`` and ``duration`` (seconds), ``stop_reason``, ``tools_called``
-(the names of the tools the model called, never their arguments) and ``error``; with
+(the names of the tools the model called, never their arguments), ``endpoint`` (the
+remote engine's URL, for a remote model) and ``error``; with
 ``audit_text = true`` also ``system``, ``messages`` and ``response`` (with the calls).
 
 ``origin`` says which front end the request came through when it is not a server's own
@@ -61,6 +62,7 @@ class AuditRecord:
     duration: float | None = None
     stop_reason: str | None = None
     tools_called: list[str] | None = None  # names only: arguments are text (audit_text)
+    endpoint: str | None = None  # the remote engine that answered (catalog entries with endpoints)
     error: str | None = None
     # Only with audit_text = true:
     system: str | None = None

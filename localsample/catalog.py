@@ -17,7 +17,8 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from localsample.errors import CatalogError, ModelFileError, UnknownModelError
 from localsample.packaged import index_model_for
@@ -106,7 +107,22 @@ class ModelEntry(_Strict):
     """One ``[[models]]`` table of a catalog."""
 
     id: str = Field(pattern=ID_PATTERN, max_length=128)
-    source: str = Field(min_length=1)
+    endpoint: str | None = Field(None, pattern=r"^https?://")
+    """An OpenAI-compatible engine's base URL (``http://gpu-box:8000/v1``): a remote model."""
+    endpoints: list[str] = Field(default_factory=list)
+    """Replicas of one remote model (balanced by requests in flight, failed over)."""
+    source: str = Field("", validate_default=True)
+    """A GGUF: ``hf://ORG/REPO/FILE.gguf``, a path, or a packaged file (local models).
+    Declared after the endpoints so that its check sees them."""
+    remote_model: str | None = None
+    """The name the engine knows the model by (default: ``id``)."""
+    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    """The environment variable holding the engine's API key (never the key itself)."""
+    headers: dict[str, str] = Field(default_factory=dict)
+    timeout: float = Field(600.0, gt=0)
+    """Seconds a remote request may take (connecting: at most 10)."""
+    max_concurrency: int | None = Field(None, ge=1)
+    """Requests at once per endpoint (default: the ``parallel`` setting)."""
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     mmproj: str | None = Field(None, min_length=1)
     family: str | None = None
@@ -128,6 +144,36 @@ class ModelEntry(_Strict):
             if not alias.strip() or "/" in alias or "\\" in alias:
                 raise ValueError(f"alias {alias!r} must be a plain name (no slashes, not empty)")
         return value
+
+    @field_validator("endpoints")
+    @classmethod
+    def _endpoints_are_urls(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        for url in value:
+            if not re.match(r"^https?://", url):
+                raise ValueError(f"endpoint {url!r} must be an http:// or https:// URL")
+        if value and info.data.get("endpoint") is not None:
+            raise PydanticCustomError("endpoint_and_endpoints", "endpoint_and_endpoints")
+        return value
+
+    @field_validator("source")
+    @classmethod
+    def _local_or_remote(cls, value: str, info: ValidationInfo) -> str:
+        remote = info.data.get("endpoint") is not None or bool(info.data.get("endpoints"))
+        if not remote and not value:
+            raise PydanticCustomError("no_source", "no_source")
+        if remote and value:
+            raise PydanticCustomError("source_and_endpoint", "source_and_endpoint")
+        return value
+
+    @property
+    def remote(self) -> bool:
+        """Whether an OpenAI-compatible engine elsewhere runs this model."""
+        return bool(self.endpoints) or self.endpoint is not None
+
+    @property
+    def urls(self) -> list[str]:
+        """The remote engine's base URLs, trailing slashes removed."""
+        return [url.rstrip("/") for url in ([self.endpoint] if self.endpoint else self.endpoints)]
 
     def names(self) -> list[str]:
         """Every name a server may use for this model: id, aliases, family."""
@@ -213,6 +259,17 @@ def parse_catalog(text: str, origin: str) -> list[ModelEntry]:
     return models
 
 
+ENTRY_PROBLEMS = {
+    "no_source": "field 'source': required (a local GGUF), or endpoint for a remote engine; fix: add "
+    'source = "FILE.gguf" (or hf://ORG/REPO/FILE.gguf), or endpoint = "http://HOST:PORT/v1"',
+    "source_and_endpoint": "fields 'source' and 'endpoint': a model is local (source) or remote (endpoint, "
+    "endpoints), not both; fix: remove one of them",
+    "endpoint_and_endpoints": "fields 'endpoint' and 'endpoints': give one endpoint, or endpoints for replicas; "
+    "fix: remove one of them",
+}
+"""What an entry-level problem (no single field) says, by its error type."""
+
+
 def _describe(err: Any) -> str:
     field = ".".join(str(part) for part in err["loc"]) or "(entry)"
     kind = err["type"]
@@ -221,6 +278,8 @@ def _describe(err: Any) -> str:
         return f"field '{field}': unknown field; fix: {fix}"
     if kind == "missing":
         return f"field '{field}': required; fix: add {field} = ..."
+    if kind in ENTRY_PROBLEMS:
+        return ENTRY_PROBLEMS[kind]
     given = err.get("input")
     shown = "" if isinstance(given, dict | list) else f" (got {given!r})"
     return f"field '{field}': {err['msg']}{shown}; fix: change the value of {field}"

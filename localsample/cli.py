@@ -24,6 +24,7 @@ from localsample.cli_common import (
     AllowRemoteOption,
     JsonOption,
     NoDaemonOption,
+    OfflineOption,
     TokenOption,
     command_group,
     end_line,
@@ -91,9 +92,10 @@ def sample(
     seed: Annotated[int | None, typer.Option(help="Random seed, for repeatable sampling.")] = None,
     as_json: JsonOption = False,
     no_daemon: NoDaemonOption = False,
+    offline: OfflineOption = False,
 ) -> None:
     """Generate a reply to PROMPT locally, streaming it to stdout (with --json: one JSON object at the end)."""
-    runtime = make_client_runtime("sample", no_daemon)
+    runtime = make_client_runtime("sample", no_daemon, offline=offline)
 
     async def go() -> None:
         try:
@@ -168,13 +170,14 @@ def call(
     as_json: JsonOption = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Do not show tokens live on stderr.")] = False,
     no_daemon: NoDaemonOption = False,
+    offline: OfflineOption = False,
 ) -> None:
     """Call one TOOL of an MCP server, answering its sampling requests locally.
 
     Prints the tool's text, or with --json the whole tool result.
     """
     spec = ServerSpec.parse(server, env=parse_env(env), cwd=cwd, protocol=protocol)
-    runtime = make_client_runtime(f"call {tool}", no_daemon, spec.name)
+    runtime = make_client_runtime(f"call {tool}", no_daemon, spec.name, offline)
     echo = None if as_json else terminal_echo(quiet)
     handler = SamplingHandler(runtime, server=spec.name, echo=echo, ask=TerminalApprover())
 
@@ -219,6 +222,7 @@ def serve(
     token: TokenOption = None,
     allow_host: AllowHostOption = None,
     no_daemon: NoDaemonOption = False,
+    offline: OfflineOption = False,
 ) -> None:
     """Serve MCP to a host, forwarding to SERVER(s) and answering their sampling locally.
 
@@ -227,7 +231,7 @@ def serve(
     """
     specs = [ServerSpec.parse(value, env=parse_env(env), cwd=cwd, protocol=protocol) for value in server]
     names = ",".join(spec.name for spec in specs)
-    runtime = make_client_runtime("serve", no_daemon, names)
+    runtime = make_client_runtime("serve", no_daemon, names, offline)
     proxy = Proxy(runtime, specs)
     address = parse_listen(listen) if listen else None
     if address is not None:

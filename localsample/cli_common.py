@@ -50,6 +50,10 @@ NoDaemonOption = Annotated[
     bool,
     typer.Option("--no-daemon", help="Generate in this process even when a localsample daemon runs (daemon = never)."),
 ]
+OfflineOption = Annotated[
+    bool,
+    typer.Option("--offline", help="Use only loopback endpoints of remote catalog entries (offline = true)."),
+]
 AllowHostOption = Annotated[
     list[str] | None,
     typer.Option("--allow-host", help="Another NAME[:PORT] clients may use in Host/Origin (repeatable)."),
@@ -156,17 +160,21 @@ def settings_with_logging() -> Settings:
     return settings
 
 
-def make_runtime() -> Runtime:
+def make_runtime(offline: bool = False) -> Runtime:
     """Settings, catalog and model pool for one command, with logging set up."""
-    return Runtime(settings_with_logging())
+    settings = settings_with_logging()
+    return Runtime(settings.model_copy(update={"offline": True}) if offline else settings)
 
 
-def make_client_runtime(command: str, no_daemon: bool, server: str | None = None) -> Runtime:
+def make_client_runtime(command: str, no_daemon: bool, server: str | None = None, offline: bool = False) -> Runtime:
     """The runtime of a command that generates (serve, call, sample, run): attached to the
-    running daemon when the ``daemon`` setting (or ``--no-daemon``) allows, else in-process."""
+    running daemon when the ``daemon`` setting (or ``--no-daemon``) allows, else in-process
+    (an attached command's generation follows the daemon's own ``offline`` setting)."""
     settings = settings_with_logging()
     if no_daemon:
         settings = settings.model_copy(update={"daemon": "never"})
+    if offline:
+        settings = settings.model_copy(update={"offline": True})
     return client_runtime(settings, command, server)
 
 

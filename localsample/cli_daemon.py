@@ -13,6 +13,7 @@ import typer
 from localsample.cli_common import (
     AllowHostOption,
     AllowRemoteOption,
+    OfflineOption,
     TokenOption,
     command_group,
     make_runtime,
@@ -41,6 +42,7 @@ def daemon(
     token: TokenOption = None,
     allow_remote: AllowRemoteOption = False,
     allow_host: AllowHostOption = None,
+    offline: OfflineOption = False,
     idle_exit: Annotated[
         float | None,
         typer.Option(help="Exit after this many minutes without attached clients (daemon = spawn uses it).", min=0.01),
@@ -63,7 +65,7 @@ def daemon(
         options = Listen(host, port, token, allow_remote, tuple(allow_host or ()))
     elif allow_remote or allow_host:
         raise ServerSpecError("--allow-remote and --allow-host apply only with --listen", "add --listen HOST:PORT")
-    run_async(Daemon(make_runtime(), options, idle_exit).run)
+    run_async(Daemon(make_runtime(offline), options, idle_exit).run)
 
 
 @daemon_app.command()

@@ -30,6 +30,7 @@ from localsample.cli_common import (
     INTERRUPTED,
     JsonOption,
     NoDaemonOption,
+    OfflineOption,
     end_line,
     make_client_runtime,
     parse_env,
@@ -131,6 +132,7 @@ def run_command(
     as_json: JsonOption = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Show only the final answer.")] = False,
     no_daemon: NoDaemonOption = False,
+    offline: OfflineOption = False,
 ) -> None:
     """Do TASK with a local model that uses the servers' tools, offline.
 
@@ -153,7 +155,7 @@ def run_command(
     if system is not None:
         conversation.system = system
     options = AgentOptions(model, max_steps, max_tokens, temperature, tool_choice)  # type: ignore[arg-type]
-    runtime = make_client_runtime("run", no_daemon, ",".join(spec.name for spec in specs))
+    runtime = make_client_runtime("run", no_daemon, ",".join(spec.name for spec in specs), offline)
     if runtime.settings.log_level == "info":  # the run's own lines say what happens; keep warnings
         logging.getLogger("localsample").setLevel(logging.WARNING)
     show = not (quiet or as_json)

@@ -97,6 +97,8 @@ class Completion:
     time_to_first_token: float
     duration: float
     tool_calls: tuple[ToolCall, ...] = ()
+    engine: str | None = None
+    """The remote engine's URL that answered (None: in this process or its daemon's)."""
 
     @property
     def decode_tokens_per_second(self) -> float:

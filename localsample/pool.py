@@ -18,12 +18,15 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from localsample.catalog import Catalog, ModelEntry, resolve_model_path
 from localsample.errors import BusyError, ModelFileError
 from localsample.generation import Generator
 from localsample.settings import Settings
+
+if TYPE_CHECKING:
+    from localsample.remote import RemoteGenerator
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,14 @@ def llama_generator(model: ModelEntry, path: Path, slots: int) -> Generator:
     from localsample.engine import Engine
 
     return Engine(model, path, slots=slots)
+
+
+def remote_of(generator: Generator) -> RemoteGenerator:
+    """A remote entry's generator, as its own type (health and replicas)."""
+    from localsample.remote import RemoteGenerator
+
+    assert isinstance(generator, RemoteGenerator)
+    return generator
 
 
 def machine_memory() -> int:
@@ -68,7 +79,10 @@ class Pool:
         self._lock = threading.Lock()
 
     def available(self, model: ModelEntry) -> bool:
-        """Whether the model's file is on disk (no network, no loading)."""
+        """Whether the model's file is on disk (no network, no loading); for a remote model,
+        whether an endpoint answers (cached health, remote.py)."""
+        if model.remote:
+            return remote_of(self.resident(model).generator).available()
         try:
             resolve_model_path(model, self.model_dir)
         except ModelFileError:
@@ -80,8 +94,13 @@ class Pool:
         with self._lock:
             found = self._residents.get(model.id)
             if found is None or found.model != model:
-                path = resolve_model_path(model, self.model_dir)
-                found = Resident(model, self.factory(model, path, self.settings.parallel))
+                if model.remote:
+                    from localsample.remote import RemoteGenerator  # imports the openai client: only when used
+
+                    found = Resident(model, RemoteGenerator(model, self.settings))
+                else:
+                    path = resolve_model_path(model, self.model_dir)
+                    found = Resident(model, self.factory(model, path, self.settings.parallel))
                 self._residents[model.id] = found
             return found
 
@@ -156,11 +175,13 @@ class Pool:
             minutes = self.keep_alive(resident)
             until = None if minutes < 0 else time.time() + minutes * 60 - (time.monotonic() - resident.last_used)
             load = resident.model.load
+            processor = "CPU" if load.n_gpu_layers == 0 else "GPU" if load.n_gpu_layers < 0 else "CPU/GPU"
             yield {
                 "id": resident.model.id,
                 "size": resident.generator.size,
                 "gpu_layers": load.n_gpu_layers,
-                "processor": "CPU" if load.n_gpu_layers == 0 else "GPU" if load.n_gpu_layers < 0 else "CPU/GPU",
+                "processor": "remote" if resident.model.remote else processor,
+                **({"endpoints": remote_of(resident.generator).status()} if resident.model.remote else {}),
                 "n_ctx": load.n_ctx,
                 "in_flight": resident.in_flight,
                 "until": None if resident.in_flight else until,

@@ -248,6 +248,7 @@ class Runtime:
         record.time_to_first_token = round(completion.time_to_first_token, 4)
         record.duration = round(completion.duration, 4)
         record.stop_reason = completion.stop_reason
+        record.endpoint = completion.engine
         if self.settings.server(server).review_response and decision.human:
             reviewed = await self._timed(server, approver.review(pending, shown_response(completion)))
             if reviewed is None:

@@ -166,7 +166,11 @@ def rank(
         elif (unfit := _unfit(model, needs)) is not None:
             why = unfit
         elif not available(model):
-            why = f"not downloaded: localsample models pull {model.id}"
+            why = (
+                f"no endpoint answers ({', '.join(model.urls)}; `localsample doctor` checks them)"
+                if model.remote
+                else f"not downloaded: localsample models pull {model.id}"
+            )
         ranking.append(Ranked(model, score(model, prefs), why))
     ranking.sort(key=lambda r: (r.excluded is not None, -r.score))  # stable: catalog order on ties
     return ranking

@@ -144,6 +144,7 @@ class Settings(BaseSettings):
     tool_result_share: float = Field(
         0.25, gt=0, le=1, description="`run`: most of the model's context one tool result may fill (the rest is cut)"
     )
+    offline: bool = Field(False, description="use only loopback endpoints of remote catalog entries (--offline)")
     daemon: Literal["auto", "spawn", "never"] = Field(
         "auto",
         description="serve/call/sample/run: use a running `localsample daemon` (auto), start one when none "

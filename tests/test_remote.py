@@ -1,0 +1,240 @@
+"""Remote catalog entries against real OpenAI-compatible engines started here:
+llama-cpp-python's own server (``python -m llama_cpp.server``, twice for replicas) and a
+localsample daemon. Exact stop reasons and maxTokens, cancellation that reaches the
+engine, a wrong key, failover from a dead replica before the first token and a clear
+error after it, balancing over replicas, and sampling through `call`. Slow: processes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import httpx2
+import pytest
+
+from localsample.errors import EngineError
+from localsample.generation import ChatMessage, GenerationRequest
+from localsample.remote import RemoteGenerator
+from localsample.runtime import Origin, Runtime
+from localsample.settings import load_settings
+
+from .conftest import real_model_dir
+from .daemon_process import TOKEN, daemon_env, end, free_port, start_daemon
+
+pytestmark = [pytest.mark.slow, pytest.mark.anyio]
+KEY = "engine-test-key"
+SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SERVER = Path(__file__).parent / "servers" / "sampling_server.py"
+STORY = [ChatMessage("user", "Tell me a long story about a cat.")]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@dataclass
+class Engine:
+    process: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_engine(root: Path, name: str) -> Engine:
+    """`python -m llama_cpp.server` on the default model, on a free loopback port, with a key."""
+    port = free_port()
+    log = root / f"{name}.log"
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(real_model_dir() / SMOL_FILE)]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--api_key", KEY]
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=out)
+    engine = Engine(process, f"http://127.0.0.1:{port}/v1", log)
+    deadline = time.monotonic() + 90
+    while True:
+        assert process.poll() is None, engine.text()[-2000:]
+        try:
+            if httpx2.get(engine.url + "/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200:
+                return engine
+        except httpx2.HTTPError:
+            pass
+        assert time.monotonic() < deadline, engine.text()[-2000:]
+        time.sleep(0.2)
+
+
+def stop_engine(engine: Engine) -> None:
+    if engine.process.poll() is None:
+        engine.process.terminate()
+        engine.process.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def engines(model_dir: Path) -> Iterator[list[Engine]]:
+    root = Path(tempfile.mkdtemp(prefix="lse-"))
+    started = [start_engine(root, "a"), start_engine(root, "b")]
+    try:
+        yield started
+    finally:
+        for engine in started:
+            stop_engine(engine)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def catalog(isolated: Path, *urls: str, key_env: str = "SMOL_KEY") -> None:
+    """A user catalog with one remote entry, ``smol-remote`` (alias ``far``), over ``urls``."""
+    listed = ", ".join(f'"{url}"' for url in urls)
+    (isolated / "models.toml").write_text(
+        f'[[models]]\nid = "smol-remote"\nendpoints = [{listed}]\nremote_model = "smol"\n'
+        f'api_key_env = "{key_env}"\naliases = ["far"]\n'
+    )
+
+
+def request(max_tokens: int, stop: tuple[str, ...] = ()) -> GenerationRequest:
+    return GenerationRequest(messages=STORY, max_tokens=max_tokens, temperature=0.0, stop=stop)
+
+
+async def test_a_remote_model_answers_with_exact_max_tokens_and_stop_sequences(
+    engines: list[Engine], isolated: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    catalog(isolated, engines[0].url)
+    monkeypatch.setenv("SMOL_KEY", KEY)
+    runtime = Runtime(load_settings())
+    counted = await runtime.answer(request(9), Origin("t", "1"), model="far")
+    assert counted.completion.completion_tokens == 9 and counted.completion.stop_reason == "maxTokens"
+    assert counted.completion.engine == engines[0].url and counted.completion.model == "smol-remote"
+    stopped = await runtime.answer(request(80, (" the",)), Origin("t", "2"), model="far")
+    assert stopped.completion.stop_reason == "stopSequence" and stopped.completion.stop_sequence == " the"
+    assert " the" not in stopped.completion.text and stopped.completion.text
+    records = [json.loads(line) for line in (isolated / "logs" / "audit.jsonl").read_text().splitlines()]
+    assert [r["endpoint"] for r in records] == [engines[0].url] * 2
+
+
+async def test_cancelling_closes_the_stream_and_the_engine_stops(
+    engines: list[Engine], isolated: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    catalog(isolated, engines[1].url)
+    monkeypatch.setenv("SMOL_KEY", KEY)
+    runtime = Runtime(load_settings())
+    first_text = anyio.Event()
+
+    async def on_text(_text: str, _tokens: int) -> None:
+        first_text.set()
+
+    before = engines[1].text().count("Disconnected from client")
+    async with anyio.create_task_group() as group:
+        group.start_soon(lambda: runtime.answer(request(400), Origin("t", "c"), model="far", on_text=on_text))
+        await first_text.wait()
+        group.cancel_scope.cancel()
+    with anyio.fail_after(20):  # the engine logs the disconnect and stops generating
+        while engines[1].text().count("Disconnected from client") == before:
+            await anyio.sleep(0.05)
+
+
+async def test_a_wrong_key_is_an_error_naming_the_variable(
+    engines: list[Engine], isolated: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    catalog(isolated, engines[0].url)
+    monkeypatch.setenv("SMOL_KEY", "not-the-key")
+    with pytest.raises(EngineError, match="refused the key") as failed:
+        await Runtime(load_settings()).answer(request(4), Origin("t", "k"), model="far")
+    assert "set SMOL_KEY to a key it accepts" in str(failed.value)
+
+
+async def test_replicas_balance_and_a_dead_one_is_skipped_before_the_first_token(
+    engines: list[Engine], isolated: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    catalog(isolated, dead, engines[0].url, engines[1].url)
+    monkeypatch.setenv("SMOL_KEY", KEY)
+    runtime = Runtime(load_settings())
+    answers = []
+
+    async def one(i: int) -> None:
+        answers.append(await runtime.answer(request(6), Origin("t", f"b{i}"), model="far"))
+
+    async with anyio.create_task_group() as group:
+        for i in range(4):
+            group.start_soon(one, i)
+    used = [str(a.completion.engine) for a in answers]
+    assert sorted(used) == sorted([engines[0].url] * 2 + [engines[1].url] * 2)  # least in flight, dead skipped
+    generator = runtime.pool.generator(runtime.catalog.get("far"))
+    assert isinstance(generator, RemoteGenerator)
+    states = {replica["url"]: replica["state"] for replica in generator.status()}
+    assert states[dead].startswith("failing") and states[engines[0].url] == "ok"
+
+
+async def test_an_engine_that_dies_after_the_first_token_fails_the_request_clearly(
+    model_dir: Path, isolated: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = Path(tempfile.mkdtemp(prefix="lsk-"))
+    engine = start_engine(root, "k")
+    try:
+        catalog(isolated, engine.url)
+        monkeypatch.setenv("SMOL_KEY", KEY)
+        runtime = Runtime(load_settings())
+        first_text = anyio.Event()
+
+        async def on_text(_text: str, _tokens: int) -> None:
+            first_text.set()
+
+        async def kill() -> None:
+            await first_text.wait()
+            engine.process.kill()
+
+        failure: EngineError | None = None
+        async with anyio.create_task_group() as group:
+            group.start_soon(kill)
+            try:
+                await runtime.answer(request(400), Origin("t", "d"), model="far", on_text=on_text)
+            except EngineError as exc:
+                failure = exc
+        assert failure is not None and f"the engine at {engine.url} failed while answering" in str(failure)
+    finally:
+        stop_engine(engine)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_another_localsample_daemon_is_an_endpoint(
+    model_dir: Path, isolated: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = Path(tempfile.mkdtemp(prefix="lsr-"))
+    daemon = start_daemon(root)
+    try:
+        (isolated / "models.toml").write_text(
+            f'[[models]]\nid = "team-box"\nendpoint = "http://127.0.0.1:{daemon.port}/v1"\n'
+            'remote_model = "smollm2-135m-instruct"\napi_key_env = "TEAM_KEY"\n'
+        )
+        monkeypatch.setenv("TEAM_KEY", TOKEN)
+        runtime = Runtime(load_settings())
+        answer = await runtime.answer(request(40, ("cat",)), Origin("t", "r"), model="team-box")
+        assert answer.completion.stop_reason in ("stopSequence", "endTurn", "maxTokens")
+        exact = await runtime.answer(request(7), Origin("t", "r2"), model="team-box")
+        assert exact.completion.completion_tokens == 7 and exact.completion.stop_reason == "maxTokens"
+        assert daemon.audit()[-1]["completion_tokens"] == 7  # the box audits it too
+    finally:
+        end(daemon)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_call_answers_a_servers_sampling_with_the_remote_model(
+    engines: list[Engine], isolated: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    catalog(isolated, engines[0].url)
+    (isolated / "config.toml").write_text('[servers."*"]\nmodel = "smol-remote"\n')
+    env = daemon_env(isolated) | {"SMOL_KEY": KEY, "LOCALSAMPLE_MODEL_DIR": str(real_model_dir())}
+    args = ["call", "--server", f"{sys.executable} {SERVER}", "push", "--protocol", "legacy", "--quiet"]
+    args += ["--args", json.dumps({"max_tokens": 60, "stop": [" the"]})]
+    done = subprocess.run([sys.executable, "-m", "localsample", *args], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)["result"]
+    assert result["model"] == "smol-remote" and result["stopReason"] == "stopSequence"
