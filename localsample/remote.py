@@ -77,6 +77,8 @@ class Replica:
     checked: float = -HEALTH_TTL_S
 
     def state(self) -> str:
+        if self.error == "not used offline":
+            return "offline: not used"
         if self.failed_until > time.monotonic():
             return f"failing ({self.error})"
         return "ok" if self.error is None else f"ok again (last: {self.error})"
@@ -178,6 +180,14 @@ class RemoteGenerator:
             if replica.failed_until <= now:
                 return True
         return False
+
+    def probe_all(self) -> None:
+        """Probe every replica offline mode allows (`models list` shows each one's state)."""
+        for replica in self.replicas:
+            if self.allowed(replica):
+                self.probe(replica)
+            else:
+                replica.error = "not used offline"
 
     def probe(self, replica: Replica) -> None:
         replica.checked = time.monotonic()

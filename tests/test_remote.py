@@ -20,8 +20,10 @@ import anyio
 import httpx2
 import pytest
 
+from localsample.doctor import Level, diagnose, healthy
 from localsample.errors import EngineError
 from localsample.generation import ChatMessage, GenerationRequest
+from localsample.manage import rows
 from localsample.remote import RemoteGenerator
 from localsample.runtime import Origin, Runtime
 from localsample.settings import load_settings
@@ -238,3 +240,19 @@ def test_call_answers_a_servers_sampling_with_the_remote_model(
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)["result"]
     assert result["model"] == "smol-remote" and result["stopReason"] == "stopSequence"
+
+
+def test_doctor_checks_each_endpoint(engines: list[Engine], isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    catalog(isolated, engines[0].url, dead)
+    monkeypatch.setenv("SMOL_KEY", KEY)
+    checks = {c.what: c for c in diagnose() if c.what.startswith("smol-remote")}
+    reached = next(c for what, c in checks.items() if engines[0].url in what)
+    assert reached.level is not Level.ERROR and "answers" in reached.what  # llama_cpp.server lists its file name
+    assert next(c for what, c in checks.items() if dead in what).level is Level.ERROR
+    row = next(r for r in rows(Runtime(load_settings())) if r.id == "smol-remote")  # `models list`
+    assert row.status == "remote: 1/2 endpoints answer" and row.endpoints is not None
+    assert [e["state"].split(" ")[0] for e in row.endpoints] == ["ok", "failing"]
+    monkeypatch.setenv("SMOL_KEY", "wrong")
+    refused = [c for c in diagnose() if c.what.startswith("smol-remote") and "refused the key" in c.what]
+    assert refused and refused[0].fix == "set SMOL_KEY to a key it accepts" and not healthy(refused)
