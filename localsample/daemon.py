@@ -58,6 +58,9 @@ log = logging.getLogger(__name__)
 __all__ = ["Daemon", "Listen"]
 
 GRACEFUL_SHUTDOWN_S = 1
+DRAIN_S = 5.0
+"""How long a stopping daemon waits for cancelled answers to send their closing events
+(they take milliseconds; a loaded machine took over a second once)."""
 """Seconds the listeners wait for open connections once requests in flight are cancelled."""
 REAP_INTERVAL = 5.0
 """Seconds between checks for idle models whose keep-alive has run out."""
@@ -178,7 +181,7 @@ class Daemon:
                 group.start_soon(self.serve_tcp, self.listen)
             await self.stop_requested.wait()
             self.api.stop()
-            with anyio.move_on_after(GRACEFUL_SHUTDOWN_S):  # let cancelled answers send their end
+            with anyio.move_on_after(DRAIN_S):  # let cancelled answers send their end
                 await self.api.drained()
             group.cancel_scope.cancel()
 

@@ -1,0 +1,179 @@
+"""What a remote engine costs through localsample, against the openai client straight to it.
+
+    python scripts/bench_remote.py [--rounds R] [--tokens N]
+
+Starts llama-cpp-python's own server (`python -m llama_cpp.server`, the default model)
+twice on loopback and measures, in one run, alternating rounds:
+a. 4-token requests: time through localsample (a remote catalog entry, Runtime.answer)
+   minus the openai client's time straight to the same server: the latency added.
+b. N-token requests, streamed: decode tokens/s both ways and their ratio.
+c. 40 requests (4 at a time) over the 2 replicas: how many each answered; then one replica
+   is killed and the next request's time shows what failing over costs.
+Each side streams; the server decodes one request at a time (its own lock).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import anyio
+import httpx2
+import openai
+
+from localsample.catalog import load_catalog, resolve_model_path
+from localsample.generation import ChatMessage, GenerationRequest
+from localsample.runtime import Origin, Runtime
+from localsample.settings import load_settings
+
+KEY = "bench-key"
+PROMPT = "Write a long story about a lighthouse keeper and a storm."
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_server(gguf: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--n_ctx", "2048", "--api_key", KEY, "--n_threads", "2"]
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=out)
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if httpx2.get(url + "/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200:
+                return process, url
+        except httpx2.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"llama_cpp.server did not start: see {log}")
+        time.sleep(0.2)
+
+
+async def direct(client: openai.AsyncOpenAI, tokens: int) -> tuple[float, float]:
+    """(seconds, decode tokens/s) of one streamed request straight to the server."""
+    started = time.perf_counter()
+    first = last = 0.0
+    count = 0
+    stream = await client.chat.completions.create(
+        model="smol",
+        messages=[{"role": "user", "content": PROMPT}],
+        max_tokens=tokens,
+        temperature=0.0,
+        stream=True,
+    )
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            now = time.perf_counter()
+            first, last, count = first or now, now, count + 1
+    seconds = time.perf_counter() - started
+    return seconds, (count - 1) / (last - first) if count > 1 and last > first else 0.0
+
+
+async def through(runtime: Runtime, tokens: int) -> tuple[float, float]:
+    request = GenerationRequest(messages=[ChatMessage("user", PROMPT)], max_tokens=tokens, temperature=0.0)
+    started = time.perf_counter()
+
+    async def on_text(_text: str, _tokens: int) -> None:  # streamed, as the direct side is
+        return None
+
+    answer = await runtime.answer(request, Origin("bench", "r"), model="remote", on_text=on_text)
+    return time.perf_counter() - started, answer.completion.decode_tokens_per_second
+
+
+async def compare(runtime: Runtime, url: str, rounds: int, tokens: int) -> None:
+    async with openai.AsyncOpenAI(base_url=url, api_key=KEY, max_retries=0) as client:
+        await direct(client, 4)
+        await through(runtime, 4)
+        short: dict[str, list[float]] = {"direct": [], "localsample": []}
+        for _ in range(max(rounds, 20)):
+            short["direct"].append((await direct(client, 4))[0])
+            short["localsample"].append((await through(runtime, 4))[0])
+        rate: dict[str, list[float]] = {"direct": [], "localsample": []}
+        for _ in range(rounds):
+            rate["direct"].append((await direct(client, tokens))[1])
+            rate["localsample"].append((await through(runtime, tokens))[1])
+    d, s = statistics.median(short["direct"]), statistics.median(short["localsample"])
+    print("\na. 4-token requests, streamed: openai client straight to the server vs through localsample")
+    print(f"   direct {d * 1e3:.1f} ms, localsample {s * 1e3:.1f} ms: added {(s - d) * 1e3:.1f} ms (target <= 5)")
+    d, s = statistics.median(rate["direct"]), statistics.median(rate["localsample"])
+    print(f"\nb. {tokens}-token decode tok/s: direct {d:.1f}, localsample {s:.1f}: ratio {s / d:.3f} (target >= 0.97)")
+
+
+async def balance(runtime: Runtime) -> Counter[str]:
+    used: Counter[str] = Counter()
+    limiter = anyio.Semaphore(4)
+    request = GenerationRequest(messages=[ChatMessage("user", "Hi")], max_tokens=4, temperature=0.0)
+
+    async def one(i: int) -> None:
+        async with limiter:
+            answer = await runtime.answer(request, Origin("bench", str(i)), model="remote")
+            used[str(answer.completion.engine)] += 1
+
+    async with anyio.create_task_group() as group:
+        for i in range(40):
+            group.start_soon(one, i)
+    return used
+
+
+async def timed_request(runtime: Runtime) -> float:
+    request = GenerationRequest(messages=[ChatMessage("user", "Hi")], max_tokens=4, temperature=0.0)
+    started = time.perf_counter()
+    await runtime.answer(request, Origin("bench", "f"), model="remote")
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=128)
+    args = parser.parse_args()
+    settings = load_settings()
+    model = load_catalog(settings.catalog_path).get(settings.default_model)
+    gguf = resolve_model_path(model, settings.model_dir)
+    root = Path(tempfile.mkdtemp(prefix="lsrb-"))
+    first, url_a = start_server(gguf, root / "a.log")
+    second, url_b = start_server(gguf, root / "b.log")
+    try:
+        catalog = root / "models.toml"
+        catalog.write_text(f'[[models]]\nid = "remote"\nendpoint = "{url_a}"\napi_key_env = "BENCH_KEY"\n')
+        os.environ |= {"BENCH_KEY": KEY, "LOCALSAMPLE_CATALOG_PATH": str(catalog)}
+        os.environ["LOCALSAMPLE_LOG_DIR"] = str(root / "logs")
+        anyio.run(compare, Runtime(load_settings()), url_a, args.rounds, args.tokens)
+        catalog.write_text(
+            f'[[models]]\nid = "remote"\nendpoints = ["{url_a}", "{url_b}"]\napi_key_env = "BENCH_KEY"\n'
+        )
+        runtime = Runtime(load_settings())
+        used = anyio.run(balance, runtime)
+        print(f"\nc. 40 requests, 4 at a time, over 2 replicas: {used[url_a]} / {used[url_b]} (target: within ±2)")
+        normal = statistics.median(anyio.run(timed_request, runtime) for _ in range(5))
+        first.kill()
+        first.wait()
+        failing_over = max(anyio.run(timed_request, runtime) for _ in range(2))  # one of these meets the dead one
+        print(
+            f"   after killing one: a request takes {failing_over * 1e3:.0f} ms "
+            f"(normally {normal * 1e3:.0f} ms): failing over costs {(failing_over - normal) * 1e3:.0f} ms"
+        )
+    finally:
+        for process in (first, second):
+            if process.poll() is None:
+                process.terminate()
+                process.wait(timeout=20)
+
+
+if __name__ == "__main__":
+    main()
