@@ -7,7 +7,8 @@ twice on loopback and measures, in one run, alternating rounds:
 a. 4-token requests: time through localsample (a remote catalog entry, Runtime.answer)
    minus the openai client's time straight to the same server: the latency added.
 b. N-token requests, streamed: decode tokens/s both ways and their ratio.
-c. 40 requests (4 at a time) over the 2 replicas: how many each answered; then one replica
+c. 40 requests (1, 2, 4 at a time) over the 2 replicas: how many each answered (least
+   requests in flight: at 4 at a time, the replica that answers faster gets more); then one replica
    is killed and the next request's time shows what failing over costs.
 Each side streams; the server decodes one request at a time (its own lock).
 """
@@ -114,9 +115,9 @@ async def compare(runtime: Runtime, url: str, rounds: int, tokens: int) -> None:
     print(f"\nb. {tokens}-token decode tok/s: direct {d:.1f}, localsample {s:.1f}: ratio {s / d:.3f} (target >= 0.97)")
 
 
-async def balance(runtime: Runtime) -> Counter[str]:
+async def balance(runtime: Runtime, at_once: int) -> Counter[str]:
     used: Counter[str] = Counter()
-    limiter = anyio.Semaphore(4)
+    limiter = anyio.Semaphore(at_once)
     request = GenerationRequest(messages=[ChatMessage("user", "Hi")], max_tokens=4, temperature=0.0)
 
     async def one(i: int) -> None:
@@ -158,8 +159,10 @@ def main() -> None:
             f'[[models]]\nid = "remote"\nendpoints = ["{url_a}", "{url_b}"]\napi_key_env = "BENCH_KEY"\n'
         )
         runtime = Runtime(load_settings())
-        used = anyio.run(balance, runtime)
-        print(f"\nc. 40 requests, 4 at a time, over 2 replicas: {used[url_a]} / {used[url_b]} (target: within ±2)")
+        print("\nc. 40 requests over 2 replicas (target: split within ±2)")
+        for at_once in (1, 2, 4):
+            used = anyio.run(balance, runtime, at_once)
+            print(f"   {at_once} at a time: {used[url_a]} / {used[url_b]}")
         normal = statistics.median(anyio.run(timed_request, runtime) for _ in range(5))
         first.kill()
         first.wait()
