@@ -18,11 +18,12 @@ from pathlib import Path
 
 import anyio
 import httpx2
+import jsonschema
 import pytest
 
 from localsample.doctor import Level, diagnose, healthy
 from localsample.errors import EngineError
-from localsample.generation import ChatMessage, GenerationRequest
+from localsample.generation import ChatMessage, GenerationRequest, ToolSpec
 from localsample.manage import rows
 from localsample.remote import RemoteGenerator
 from localsample.runtime import Origin, Runtime
@@ -36,6 +37,7 @@ KEY = "engine-test-key"
 SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SERVER = Path(__file__).parent / "servers" / "sampling_server.py"
 STORY = [ChatMessage("user", "Tell me a long story about a cat.")]
+WEATHER_SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 
 
 @pytest.fixture
@@ -223,6 +225,17 @@ async def test_another_localsample_daemon_is_an_endpoint(
         exact = await runtime.answer(request(7), Origin("t", "r2"), model="team-box")
         assert exact.completion.completion_tokens == 7 and exact.completion.stop_reason == "maxTokens"
         assert daemon.audit()[-1]["completion_tokens"] == 7  # the box audits it too
+        tool = ToolSpec("weather", "Weather in a city", WEATHER_SCHEMA)
+        asked = GenerationRequest(
+            messages=[ChatMessage("user", "Weather in Paris?")],
+            max_tokens=64,
+            temperature=0.0,
+            tools=(tool,),
+            tool_choice="required",
+        )
+        called = await runtime.answer(asked, Origin("t", "r3"), model="team-box")
+        assert called.completion.stop_reason == "toolUse" and called.completion.tool_calls[0].name == "weather"
+        jsonschema.validate(dict(called.completion.tool_calls[0].arguments), WEATHER_SCHEMA)
     finally:
         end(daemon)
         shutil.rmtree(root, ignore_errors=True)
