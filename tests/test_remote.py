@@ -6,11 +6,13 @@ error after it, balancing over replicas, and sampling through `call`. Slow: proc
 
 from __future__ import annotations
 
+import http.server
 import json
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ import anyio
 import httpx2
 import jsonschema
 import pytest
+from mcp import Client, StdioServerParameters
 
 from localsample.doctor import Level, diagnose, healthy
 from localsample.errors import EngineError
@@ -269,3 +272,48 @@ def test_doctor_checks_each_endpoint(engines: list[Engine], isolated: Path, monk
     monkeypatch.setenv("SMOL_KEY", "wrong")
     refused = [c for c in diagnose() if c.what.startswith("smol-remote") and "refused the key" in c.what]
     assert refused and refused[0].fix == "set SMOL_KEY to a key it accepts" and not healthy(refused)
+
+
+async def test_serve_answers_a_hosts_server_with_the_remote_model(
+    engines: list[Engine], isolated: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    catalog(isolated, engines[1].url)
+    (isolated / "config.toml").write_text('[servers."*"]\nmodel = "smol-remote"\n')
+    env = daemon_env(isolated) | {"SMOL_KEY": KEY, "LOCALSAMPLE_MODEL_DIR": str(real_model_dir())}
+    args = ["-m", "localsample", "serve", "--server", f"{sys.executable} {SERVER}"]
+    async with Client(StdioServerParameters(command=sys.executable, args=args, env=env)) as client:
+        result = await client.call_tool("write", {"topic": "tea", "max_tokens": 7})
+    sampled = json.loads(result.content[0].text)  # type: ignore[union-attr]
+    assert sampled["model"] == "smol-remote" and sampled["stopReason"] == "maxTokens"
+
+
+class FailingEngine(http.server.BaseHTTPRequestHandler):
+    """What a real engine cannot be made to do on demand: answer every request with a 503."""
+
+    def do_POST(self) -> None:
+        self.send_response(503)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b'{"error": {"message": "overloaded", "type": "server_error"}}')
+
+    def log_message(self, *args: object) -> None:
+        return None
+
+
+async def test_a_5xx_before_the_first_token_fails_over_to_the_next_replica(
+    engines: list[Engine], isolated: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FailingEngine)
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    try:
+        failing = f"http://127.0.0.1:{stub.server_address[1]}/v1"
+        catalog(isolated, failing, engines[0].url)
+        monkeypatch.setenv("SMOL_KEY", KEY)
+        runtime = Runtime(load_settings())
+        answer = await runtime.answer(request(5), Origin("t", "f"), model="far")
+        assert answer.completion.engine == engines[0].url and answer.completion.completion_tokens == 5
+        generator = runtime.pool.generator(runtime.catalog.get("far"))
+        assert isinstance(generator, RemoteGenerator)
+        assert generator.status()[0]["state"].startswith("failing (InternalServerError")
+    finally:
+        stub.shutdown()
