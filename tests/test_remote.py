@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -64,8 +65,9 @@ def start_engine(root: Path, name: str) -> Engine:
     log = root / f"{name}.log"
     command = [sys.executable, "-m", "llama_cpp.server", "--model", str(real_model_dir() / SMOL_FILE)]
     command += ["--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--api_key", KEY]
+    env = dict(os.environ) | {"PYTHONUNBUFFERED": "1"}  # its "Disconnected from client" is a print()
     with log.open("wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=out)
+        process = subprocess.Popen(command, stdout=out, stderr=out, env=env)
     engine = Engine(process, f"http://127.0.0.1:{port}/v1", log)
     deadline = time.monotonic() + 90
     while True:
