@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from localsample import manage
+from localsample.catalog import ModelEntry
 from localsample.cli_common import JsonOption, command_group, make_runtime, output, table
 from localsample.errors import LocalsampleError, RequestError
 from localsample.gguf_file import human_count, human_size
@@ -89,7 +90,8 @@ def list_command(as_json: JsonOption = False) -> None:
     def text() -> list[str]:
         if not found:
             return ["No models in the catalog. Add one with `localsample models pull ORG/REPO`."]
-        return table(("ID", "ALIASES", "SIZE", "QUANT", "STATUS"), [list_row(row) for row in found])
+        lines = table(("ID", "ALIASES", "SIZE", "QUANT", "STATUS"), [list_row(row) for row in found])
+        return lines + [f"{row.id}: {e['url']} {e['state']}" for row in found for e in row.endpoints or ()]
 
     output([row.as_json() for row in found], as_json, text)
 
@@ -106,8 +108,40 @@ def show_command(
     as_json: JsonOption = False,
 ) -> None:
     """Show a model: what its GGUF header says, where it is, its catalog settings."""
-    report = model_report(make_runtime(), model)
+    runtime = make_runtime()
+    report = model_report(runtime, model)
+    if report.entry.remote:
+        remote = remote_fields(report.entry, manage.endpoint_states(runtime, report.entry))
+        data = report.as_json() | {"status": "remote", "path": None, **remote}
+        output(data, as_json, lambda: remote_lines(report.entry, remote))
+        return
     output(report.as_json(), as_json, lambda: show_lines(report))
+
+
+def remote_fields(entry: ModelEntry, endpoints: list[dict[str, Any]]) -> dict[str, Any]:
+    """What `models show` adds for a remote model (the key's variable, never the key)."""
+    return {
+        "endpoints": endpoints,
+        "remote_model": entry.remote_model or entry.id,
+        "api_key_env": entry.api_key_env,
+        "timeout": entry.timeout,
+        "max_concurrency": entry.max_concurrency,
+    }
+
+
+def remote_lines(entry: ModelEntry, remote: dict[str, Any]) -> list[str]:
+    """`models show` as text, for a remote model."""
+    key = remote["api_key_env"] or "none (no api_key_env)"
+    concurrency = remote["max_concurrency"] or "the parallel setting"
+    return [
+        entry.id + (f" - {entry.description}" if entry.description else ""),
+        *(f"  endpoint      {e['url']} {e['state']}" for e in remote["endpoints"]),
+        f"  remote model  {remote['remote_model']}",
+        f"  key from      {key}",
+        f"  capabilities  {', '.join(entry.capabilities)}; n_ctx {entry.load.n_ctx}",
+        f"  limits        timeout {entry.timeout:g} s, max_concurrency {concurrency} per endpoint",
+        f"  scores        cost {entry.cost}, speed {entry.speed}, intelligence {entry.intelligence}",
+    ]
 
 
 def show_lines(report: ModelReport) -> list[str]:

@@ -76,14 +76,20 @@ def local_files(runtime: Runtime, model: ModelEntry) -> list[Path]:
     return files
 
 
+def endpoint_states(runtime: Runtime, model: ModelEntry) -> list[dict[str, Any]]:
+    """Each endpoint of a remote model, probed now (``GET /models``, bounded): url, state
+    (ok, failing and why, or not used offline), requests in flight."""
+    generator = remote_of(runtime.pool.generator(model))
+    generator.probe_all()
+    return generator.status()
+
+
 def rows(runtime: Runtime) -> list[Row]:
     result = []
     for entry in runtime.catalog.entries:
         model = entry.model
         if model.remote:
-            generator = remote_of(runtime.pool.generator(model))
-            generator.probe_all()
-            endpoints = generator.status()
+            endpoints = endpoint_states(runtime, model)
             result.append(Row(model.id, model.aliases, None, "-", False, entry.origin, endpoints))
             continue
         files = local_files(runtime, model)

@@ -89,6 +89,12 @@ class Pool:
             return False
         return True
 
+    def why_unavailable(self, model: ModelEntry) -> str:
+        """Why :meth:`available` said no: not downloaded, or (remote) offline or no answer."""
+        if model.remote:
+            return remote_of(self.resident(model).generator).why_unavailable()
+        return f"not downloaded: localsample models pull {model.id}"
+
     def resident(self, model: ModelEntry) -> Resident:
         """The pool's record for ``model`` (not loaded yet); ModelFileError if its file is missing."""
         with self._lock:
@@ -140,13 +146,19 @@ class Pool:
         finally:
             resident.in_flight -= 1
             resident.last_used = time.monotonic()
-            if self.keep_alive(resident) == 0 and resident.in_flight == 0:
+            if self.keep_alive(resident) == 0 and resident.in_flight == 0 and not model.remote:
                 log.info("unloading %s (keep_alive = 0)", model.id)
                 resident.generator.close()
 
+    def local(self) -> list[Resident]:
+        """The loaded models this process runs: a remote one is always ready and holds no
+        memory here, so it takes no room and is never unloaded (closing it frees nothing,
+        and it would still count as loaded: making room would never end)."""
+        return [r for r in self.loaded() if not r.model.remote]
+
     def _make_room(self, incoming: Resident) -> None:
         while True:
-            others = [r for r in self.loaded() if r is not incoming]
+            others = [r for r in self.local() if r is not incoming]
             used = sum(r.generator.size for r in others) + incoming.generator.size
             if len(others) < self.settings.max_loaded_models and used <= self.budget:
                 return
@@ -162,7 +174,7 @@ class Pool:
         """Unload idle models whose keep-alive has run out; the ids unloaded."""
         now = time.monotonic() if now is None else now
         gone = []
-        for resident in self.loaded():
+        for resident in self.local():
             minutes = self.keep_alive(resident)
             if minutes >= 0 and resident.in_flight == 0 and now >= resident.last_used + minutes * 60:
                 resident.generator.close()
@@ -186,6 +198,15 @@ class Pool:
                 "in_flight": resident.in_flight,
                 "until": None if resident.in_flight else until,
             }
+
+    async def aclose(self) -> None:
+        """:meth:`close`, from the event loop: remote models' connections are closed too."""
+        from localsample.remote import RemoteGenerator  # only where remote models were used
+
+        for resident in list(self._residents.values()):
+            if isinstance(resident.generator, RemoteGenerator):
+                await resident.generator.aclose()
+        self.close()
 
     def close(self) -> None:
         with self._lock:

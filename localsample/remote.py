@@ -14,25 +14,30 @@ one retry before the request fails naming the engine. Usage comes from the engin
 Replicas are balanced by requests in flight. A replica that fails before the first token
 (no connection, a timeout, a 5xx) is skipped for ``BACKOFF_S`` and the request goes to
 the next one (each replica once); after the first token a failure ends the request with an
-error naming the endpoint. Health is cached: ``available`` probes ``GET /models`` (bounded
-by ``PROBE_TIMEOUT_S``) at most every ``HEALTH_TTL_S`` seconds. With the ``offline``
-setting only loopback endpoints are used. Nothing here runs unless a catalog entry names
-an endpoint.
+error naming the endpoint (and a lost connection backs that replica off too). A request
+that finds every replica at ``max_concurrency`` waits for one to free, up to the queue
+timeout, as a local model's queue does. Health is cached: ``available`` probes
+``GET /models`` (bounded by ``PROBE_TIMEOUT_S``) at most every ``HEALTH_TTL_S`` seconds.
+With the ``offline`` setting only loopback endpoints are used. Nothing here runs unless a
+catalog entry names an endpoint.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import ipaddress
 import json
 import logging
 import os
 import ssl
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+import anyio
 import httpx2
 import jsonschema
 import openai
@@ -73,7 +78,12 @@ def tls_context() -> ssl.SSLContext:
 
 
 class BeforeFirstToken(Exception):
-    """A replica failed before it sent anything: the request may go to another one."""
+    """A replica failed before it sent anything: the request may go to another one.
+    ``back_off``: the replica itself is failing (not only this answer), so skip it a while."""
+
+    def __init__(self, why: str, back_off: bool = True) -> None:
+        super().__init__(why)
+        self.back_off = back_off
 
 
 @dataclass
@@ -84,7 +94,8 @@ class Replica:
     """Requests sent over its life: among equally busy replicas the least used goes next."""
     failed_until: float = 0.0
     error: str | None = None
-    checked: float = -HEALTH_TTL_S
+    checked: float = -1.0
+    """When ``GET /models`` was last sent (monotonic; negative: never)."""
 
     def state(self) -> str:
         if self.error == "not used offline":
@@ -106,6 +117,12 @@ class Stream:
     prompt_tokens: int = 0
     completion_tokens: int | None = None
     first: float | None = None
+
+    @property
+    def begun(self) -> bool:
+        """Whether any of the answer (text or a call) came: before that, another replica
+        may take the request over without the caller seeing a difference."""
+        return self.chunks > 0 or bool(self.calls)
 
     def take(self, chunk: ChatCompletionChunk, matcher: StopMatcher, started: float) -> str:
         """Add one chunk; the text that may be shown now (a possible stop is held back)."""
@@ -139,6 +156,11 @@ class RemoteGenerator:
         self.settings = settings
         self.replicas = [Replica(url) for url in model.urls]
         self.limit = model.max_concurrency or settings.parallel
+        self.clients: dict[str, openai.AsyncOpenAI] = {}
+        """By replica URL, for ``clients_loop`` (see ``client``)."""
+        self.clients_loop: asyncio.AbstractEventLoop | None = None
+        self.waiting: list[anyio.Event] = []
+        """Requests waiting for a replica below ``limit`` (set when a request ends)."""
 
     # -- the seam's bookkeeping (nothing to load) ----------------------------------------
 
@@ -161,7 +183,9 @@ class RemoteGenerator:
         return None
 
     def close(self) -> None:
-        return None
+        """Forget the clients (their idle connections close when collected; ``aclose``
+        closes them at once, from their event loop)."""
+        self.clients = {}
 
     def status(self) -> list[dict[str, Any]]:
         return [{"url": r.url, "in_flight": r.in_flight, "state": r.state()} for r in self.replicas]
@@ -180,16 +204,31 @@ class RemoteGenerator:
 
     def available(self) -> bool:
         """Whether a replica is usable: allowed (``offline``), not backing off, and answering
-        ``GET /models`` when last probed (cached for ``HEALTH_TTL_S``)."""
+        ``GET /models`` when last probed. Selection calls this on the event loop, so only a
+        replica's first probe is waited for (bounded by ``PROBE_TIMEOUT_S``); a check older
+        than ``HEALTH_TTL_S`` is refreshed on a thread while the cached state answers."""
         now = time.monotonic()
         for replica in self.replicas:
             if not self.allowed(replica) or replica.failed_until > now:
                 continue
-            if now - replica.checked >= HEALTH_TTL_S:
+            if replica.checked < 0:
                 self.probe(replica)
+            elif now - replica.checked >= HEALTH_TTL_S:
+                replica.checked = now  # one refresh at a time
+                threading.Thread(target=self.probe, args=(replica,), name="localsample-probe", daemon=True).start()
             if replica.failed_until <= now:
                 return True
         return False
+
+    def why_unavailable(self) -> str:
+        """Why ``available`` said no, for selection's reason (offline named as such)."""
+        if not any(self.allowed(r) for r in self.replicas):
+            return (
+                f"offline: its endpoints ({', '.join(self.model.urls)}) are not loopback "
+                "(drop --offline, or set offline = false)"
+            )
+        errors = "; ".join(f"{r.url}: {r.error or 'backing off'}" for r in self.replicas if self.allowed(r))
+        return f"no endpoint answers ({errors}; `localsample doctor` checks them)"
 
     def probe_all(self) -> None:
         """Probe every replica offline mode allows (`models list` shows each one's state)."""
@@ -226,17 +265,19 @@ class RemoteGenerator:
                 "(only loopback endpoints are used offline)",
                 "drop --offline (or offline = true in the settings), or use a local model",
             )
+        waited = self.model.timeout if queue_timeout is None else queue_timeout
+        deadline = time.monotonic() + waited
         problems: list[str] = []
         left = list(usable)
-        while left:  # each replica once, the least busy healthy one first (chosen now, not at the start)
-            now = time.monotonic()
-            replica = min(left, key=lambda r: (r.failed_until > now, r.in_flight, r.sent))
+        while left:  # each replica once, chosen when it is its turn (not at the start)
+            replica = await self.choose(left, deadline, waited)
             left.remove(replica)
             for attempt in (1, 2):
                 try:
                     return await self.generate_on(replica, request, on_text)
                 except BeforeFirstToken as exc:
-                    self.failed(replica, str(exc))
+                    if exc.back_off:
+                        self.failed(replica, str(exc))
                     problems.append(f"{replica.url}: {exc}")
                     break
                 except ToolCallError as exc:
@@ -248,15 +289,34 @@ class RemoteGenerator:
             "start the engine(s), or check the URL in the catalog (`localsample doctor` checks each endpoint)",
         )
 
+    async def choose(self, left: list[Replica], deadline: float, waited: float) -> Replica:
+        """The replica to try next: the one with the fewest requests in flight (of equally busy
+        ones, the least used) among those not backing off; replicas backing off only when no
+        other is left. When every candidate has ``max_concurrency`` requests, wait for one to
+        end, as a local model's queue does, until ``deadline`` (then BusyError)."""
+        while True:
+            now = time.monotonic()
+            candidates = [r for r in left if r.failed_until <= now] or left
+            free = [r for r in candidates if r.in_flight < self.limit]
+            if free:
+                return min(free, key=lambda r: (r.in_flight, r.sent))
+            if now >= deadline:
+                raise BusyError(
+                    f"busy: waited {waited:g} s for a free slot on the endpoints of model '{self.model_id}' "
+                    f"(each has {self.limit} requests: max_concurrency)",
+                    "retry later, or raise max_concurrency in the catalog entry or the queue_timeout setting",
+                )
+            freed = anyio.Event()
+            self.waiting.append(freed)
+            try:
+                with anyio.move_on_after(deadline - now):
+                    await freed.wait()
+            finally:
+                self.waiting.remove(freed)
+
     async def generate_on(self, replica: Replica, request: GenerationRequest, on_text: OnText | None) -> Completion:
-        """One request on one replica; past its ``max_concurrency`` the answer is busy at once
-        (the engine queues what it accepts; this bounds how much we hand it)."""
-        if replica.in_flight >= self.limit:
-            raise BusyError(
-                f"busy: endpoint {replica.url} of model '{self.model_id}' has {replica.in_flight} requests "
-                f"(max_concurrency = {self.limit})",
-                "retry later, or raise max_concurrency in the catalog entry",
-            )
+        """One request on one replica (``choose`` saw it below its ``max_concurrency``: the
+        engine queues what it accepts; this bounds how much we hand it)."""
         replica.in_flight += 1
         replica.sent += 1
         started = time.perf_counter()
@@ -265,29 +325,51 @@ class RemoteGenerator:
             await self.read(replica, request, on_text, stream, started)
         finally:
             replica.in_flight -= 1
+            for waiter in self.waiting:
+                waiter.set()
         return self.completion(replica, request, stream, started)
 
     def client(self, replica: Replica) -> openai.AsyncOpenAI:
-        """A client for one request (closed with it). Its HTTP client shares one TLS context:
-        building a default one per client costs ~40 ms, more than the request's own overhead."""
-        timeout = httpx2.Timeout(self.model.timeout, connect=min(CONNECT_TIMEOUT_S, self.model.timeout))
+        """The client for a replica: one per replica and event loop, so that requests reuse
+        their connections (a new client and connection per request cost ~3 ms). A new loop
+        (or a new key in ``api_key_env``) gets new clients. Their HTTP clients share one TLS
+        context: building a default one per client costs ~40 ms."""
+        loop = asyncio.get_running_loop()
+        if self.clients_loop is not loop:
+            self.clients, self.clients_loop = {}, loop  # the old loop's connections went with it
         key = os.environ.get(self.model.api_key_env or "") or "none"
-        http = httpx2.AsyncClient(verify=tls_context(), timeout=timeout)
-        return openai.AsyncOpenAI(
-            base_url=replica.url,
-            api_key=key,
-            timeout=timeout,
-            max_retries=0,
-            default_headers=self.model.headers,
-            http_client=http,
-        )
+        found = self.clients.get(replica.url)
+        if found is None or found.api_key != key:
+            timeout = httpx2.Timeout(self.model.timeout, connect=min(CONNECT_TIMEOUT_S, self.model.timeout))
+            found = openai.AsyncOpenAI(
+                base_url=replica.url,
+                api_key=key,
+                timeout=timeout,
+                max_retries=0,
+                default_headers=self.model.headers,
+                http_client=httpx2.AsyncClient(verify=tls_context(), timeout=timeout),
+            )
+            self.clients[replica.url] = found
+        return found
+
+    async def aclose(self) -> None:
+        """Close the connections this event loop's clients hold."""
+        clients, self.clients = self.clients, {}
+        if self.clients_loop is asyncio.get_running_loop():
+            for client in clients.values():
+                await client.close()
 
     def body(self, request: GenerationRequest) -> dict[str, Any]:
-        """The request for this engine: stop strings are matched here (not sent), and
-        ``max_tokens`` is what every engine reads."""
+        """The request for this engine: stop strings are matched here (not sent: engines
+        report only ``stop``, and the stream is closed at the match anyway); ``max_tokens``
+        is what every engine reads; a repeat penalty goes under both names in use
+        (llama.cpp's ``repeat_penalty``, vLLM's ``repetition_penalty``: engines ignore the
+        other one)."""
         body = chat_body(request, self.model.remote_model or self.model_id)
         body.pop("stop", None)
         body["max_tokens"] = body.pop("max_completion_tokens")
+        if "repeat_penalty" in body:
+            body["repetition_penalty"] = body["repeat_penalty"]
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
         return body
@@ -297,18 +379,32 @@ class RemoteGenerator:
     ) -> None:
         matcher = StopMatcher(request.stop)
         try:
-            async with self.client(replica) as client:
-                response = await client.chat.completions.create(**self.body(request))
-                async with response as chunks:
-                    async for chunk in chunks:
-                        safe = stream.take(chunk, matcher, started)
-                        if safe and on_text is not None:
-                            await on_text(safe, stream.chunks)
-                        if stream.stop is not None:
-                            return  # closing the stream stops the engine
+            response = await self.client(replica).chat.completions.create(**self.body(request))
+            async with response as chunks:  # leaving it early closes the connection: the engine stops
+                async for chunk in chunks:
+                    safe = stream.take(chunk, matcher, started)
+                    if safe and on_text is not None:
+                        await on_text(safe, stream.chunks)
+                    if stream.stop is not None:
+                        return
             stream.text.append(matcher.flush())
         except openai.APIError as exc:
             raise self.engine_error(exc, replica, stream) from exc
+        if stream.finish is None:
+            raise self.cut_short(replica, stream)
+
+    def cut_short(self, replica: Replica, stream: Stream) -> Exception:
+        """A stream that ended without a finish reason was cut by the engine, not finished:
+        never an ``endTurn``. (llama-cpp-python's server ends a stream that way when another
+        request arrives, unless started with ``--interrupt_requests False``.)"""
+        if not stream.begun:
+            return BeforeFirstToken("the stream ended before any answer", back_off=False)  # it answers
+        return EngineError(
+            f"the engine at {replica.url} ended the answer without a finish reason after {stream.chunks} "
+            "pieces (it cut the stream)",
+            "retry; for llama-cpp-python's server, start it with --interrupt_requests False so that "
+            "concurrent requests queue instead of cutting each other",
+        )
 
     def engine_error(self, exc: openai.APIError, replica: Replica, stream: Stream) -> Exception:
         """What a failure of the engine is: the key, the model name, the request, or the
@@ -329,8 +425,10 @@ class RemoteGenerator:
             )
         if status is not None and status < 500:
             return RequestError(f"the engine at {replica.url} refused the request (HTTP {status}): {exc.message}")
-        if stream.first is None:
+        if not stream.begun:
             return BeforeFirstToken(f"{type(exc).__name__}: {exc.message}")
+        if isinstance(exc, openai.APIConnectionError):  # it went away mid-answer: spare the next request
+            self.failed(replica, f"lost mid-answer: {type(exc).__name__}")
         return EngineError(
             f"the engine at {replica.url} failed while answering ({type(exc).__name__}: {exc.message})",
             "retry; if it keeps failing, see the engine's log",

@@ -159,6 +159,7 @@ class Runtime:
             prefs or Preferences(),
             default=self.settings.default_model,
             available=self.pool.available,
+            why_unavailable=self.pool.why_unavailable,
             policy=ServerPolicy(pin=policy.model, allow=tuple(policy.allow_models)),
             server=server,
         )
@@ -321,7 +322,9 @@ class Runtime:
             log.debug("status for `ps` not written: %s", exc)
 
     async def aclose(self) -> None:
-        """:meth:`close`, from the event loop (an attached runtime also closes its connections)."""
+        """:meth:`close`, from the event loop: remote engines' connections (and an attached
+        runtime's) are closed too."""
+        await self.pool.aclose()
         self.close()
 
     def close(self) -> None:

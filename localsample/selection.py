@@ -154,6 +154,7 @@ def rank(
     available: Callable[[ModelEntry], bool],
     allow: Sequence[str],
     server: str,
+    why_unavailable: Callable[[ModelEntry], str] | None = None,
 ) -> list[Ranked]:
     """Every model with its priority score and why it cannot serve (None if it can): the
     ones that can first, by score, then catalog order."""
@@ -166,11 +167,12 @@ def rank(
         elif (unfit := _unfit(model, needs)) is not None:
             why = unfit
         elif not available(model):
-            why = (
-                f"no endpoint answers ({', '.join(model.urls)}; `localsample doctor` checks them)"
-                if model.remote
-                else f"not downloaded: localsample models pull {model.id}"
-            )
+            if why_unavailable is not None:
+                why = why_unavailable(model)
+            elif model.remote:
+                why = f"no endpoint answers ({', '.join(model.urls)}; `localsample doctor` checks them)"
+            else:
+                why = f"not downloaded: localsample models pull {model.id}"
         ranking.append(Ranked(model, score(model, prefs), why))
     ranking.sort(key=lambda r: (r.excluded is not None, -r.score))  # stable: catalog order on ties
     return ranking
@@ -185,6 +187,7 @@ def select(
     available: Callable[[ModelEntry], bool] = lambda _: True,
     policy: ServerPolicy | None = None,
     server: str = "server",
+    why_unavailable: Callable[[ModelEntry], str] | None = None,
 ) -> Choice:
     """The model for a request and the reason, with every model ranked (see module doc)."""
     policy = policy or ServerPolicy()

@@ -2,15 +2,18 @@
 
     python scripts/bench_remote.py [--rounds R] [--tokens N]
 
-Starts llama-cpp-python's own server (`python -m llama_cpp.server`, the default model)
-twice on loopback and measures, in one run, alternating rounds:
+Starts llama-cpp-python's own server (`python -m llama_cpp.server`, the default model,
+``--interrupt_requests False`` so that concurrent requests queue) twice on loopback and
+measures, in one run, alternating rounds, and prints one table:
 a. 4-token requests: time through localsample (a remote catalog entry, Runtime.answer)
-   minus the openai client's time straight to the same server: the latency added.
-b. N-token requests, streamed: decode tokens/s both ways and their ratio.
+   minus the openai client's time straight to the same server, request after request:
+   the median of these differences is the latency added.
+b. N-token requests, streamed: decode tokens/s both ways, measured the same way (tokens
+   after the first over the time from the first streamed piece to the last), and their ratio.
 c. 40 requests (1, 2, 4 at a time) over the 2 replicas: how many each answered (least
-   requests in flight: at 4 at a time, the replica that answers faster gets more); then one replica
-   is killed and the next request's time shows what failing over costs.
-Each side streams; the server decodes one request at a time (its own lock).
+   requests in flight: at 4 at a time, the replica that answers faster gets more); then one
+   replica is killed and the request that meets it shows what failing over costs.
+Each side streams; each server decodes one request at a time (its own lock).
 """
 
 from __future__ import annotations
@@ -31,10 +34,14 @@ import openai
 
 from localsample.catalog import load_catalog, resolve_model_path
 from localsample.generation import ChatMessage, GenerationRequest
+from localsample.remote import RemoteGenerator
 from localsample.runtime import Origin, Runtime
 from localsample.settings import load_settings
 
 KEY = "bench-key"
+THREADS = max(1, (os.cpu_count() or 2) // 2)
+"""Each replica gets half the cores, as if on a machine of its own: replicas that fight over
+cores run at different speeds, and least-requests balancing then rightly favours one."""
 PROMPT = "Write a long story about a lighthouse keeper and a storm."
 
 
@@ -49,7 +56,8 @@ def free_port() -> int:
 def start_server(gguf: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1"]
-    command += ["--port", str(port), "--n_ctx", "2048", "--api_key", KEY, "--n_threads", "2"]
+    command += ["--port", str(port), "--n_ctx", "2048", "--api_key", KEY, "--n_threads", str(THREADS)]
+    command += ["--interrupt_requests", "False"]  # by default a new request cuts the streaming one
     with log.open("wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=out)
     url = f"http://127.0.0.1:{port}/v1"
@@ -86,22 +94,29 @@ async def direct(client: openai.AsyncOpenAI, tokens: int) -> tuple[float, float]
 
 
 async def through(runtime: Runtime, tokens: int) -> tuple[float, float]:
+    """(seconds, decode tokens/s) of one request through localsample, timed as ``direct``."""
     request = GenerationRequest(messages=[ChatMessage("user", PROMPT)], max_tokens=tokens, temperature=0.0)
+    seen: list[float] = []
+
+    async def on_text(_text: str, _tokens: int) -> None:  # one call per streamed piece
+        seen.append(time.perf_counter())
+
     started = time.perf_counter()
-
-    async def on_text(_text: str, _tokens: int) -> None:  # streamed, as the direct side is
-        return None
-
     answer = await runtime.answer(request, Origin("bench", "r"), model="remote", on_text=on_text)
-    return time.perf_counter() - started, answer.completion.decode_tokens_per_second
+    seconds = time.perf_counter() - started
+    count, span = answer.completion.completion_tokens, seen[-1] - seen[0] if seen else 0.0
+    return seconds, (count - 1) / span if count > 1 and span > 0 else 0.0
 
 
-async def compare(runtime: Runtime, url: str, rounds: int, tokens: int) -> None:
+Row = tuple[str, str, str, str, str]
+
+
+async def compare(runtime: Runtime, url: str, rounds: int, tokens: int) -> list[Row]:
     async with openai.AsyncOpenAI(base_url=url, api_key=KEY, max_retries=0) as client:
         await direct(client, 4)
         await through(runtime, 4)
         short: dict[str, list[float]] = {"direct": [], "localsample": []}
-        for _ in range(max(rounds, 20)):
+        for _ in range(max(rounds * 12, 60)):  # the server's own time varies by ms: many pairs
             short["direct"].append((await direct(client, 4))[0])
             short["localsample"].append((await through(runtime, 4))[0])
         rate: dict[str, list[float]] = {"direct": [], "localsample": []}
@@ -109,10 +124,17 @@ async def compare(runtime: Runtime, url: str, rounds: int, tokens: int) -> None:
             rate["direct"].append((await direct(client, tokens))[1])
             rate["localsample"].append((await through(runtime, tokens))[1])
     d, s = statistics.median(short["direct"]), statistics.median(short["localsample"])
-    print("\na. 4-token requests, streamed: openai client straight to the server vs through localsample")
-    print(f"   direct {d * 1e3:.1f} ms, localsample {s * 1e3:.1f} ms: added {(s - d) * 1e3:.1f} ms (target <= 5)")
+    n = len(short["direct"])
+    paired = statistics.median(b - a for a, b in zip(short["direct"], short["localsample"], strict=True))
+    added = f"{paired * 1e3:+.1f} ms (median of pairs)"
+    rows: list[Row] = [
+        (f"a. 4-token request, ms (median of {n})", f"{d * 1e3:.1f}", f"{s * 1e3:.1f}", added, "<= +5 ms")
+    ]
     d, s = statistics.median(rate["direct"]), statistics.median(rate["localsample"])
-    print(f"\nb. {tokens}-token decode tok/s: direct {d:.1f}, localsample {s:.1f}: ratio {s / d:.3f} (target >= 0.97)")
+    rows.append(
+        (f"b. decode tok/s, {tokens} tokens (median of {rounds})", f"{d:.1f}", f"{s:.1f}", f"{s / d:.3f}", ">= 0.97")
+    )
+    return rows
 
 
 async def balance(runtime: Runtime, at_once: int) -> Counter[str]:
@@ -138,6 +160,31 @@ async def timed_request(runtime: Runtime) -> float:
     return time.perf_counter() - started
 
 
+def failover(runtime: Runtime, processes: dict[str, subprocess.Popen[bytes]]) -> tuple[float, float, float]:
+    """Seconds of: a usual request; the next request after a replica is killed (the one it
+    would go to: the least used of the idle ones), which meets the dead replica first; and
+    the median of 5 more sent to the dead one first (its back-off cleared each time)."""
+    normal = statistics.median(anyio.run(timed_request, runtime) for _ in range(5))
+    remote = runtime.pool.generator(runtime.catalog.get("remote"))
+    assert isinstance(remote, RemoteGenerator)
+    victim = min(remote.replicas, key=lambda r: (r.in_flight, r.sent))
+    processes[victim.url].kill()
+    processes[victim.url].wait()
+    times = []
+    for _ in range(6):
+        victim.failed_until, victim.sent = 0.0, 0  # tried first (again)
+        times.append(anyio.run(timed_request, runtime))
+        if victim.sent != 1:
+            raise SystemExit("the request did not meet the killed replica")
+    return normal, times[0], statistics.median(times[1:])
+
+
+def show(header: Row, rows: list[Row]) -> None:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -154,23 +201,25 @@ def main() -> None:
         catalog.write_text(f'[[models]]\nid = "remote"\nendpoint = "{url_a}"\napi_key_env = "BENCH_KEY"\n')
         os.environ |= {"BENCH_KEY": KEY, "LOCALSAMPLE_CATALOG_PATH": str(catalog)}
         os.environ["LOCALSAMPLE_LOG_DIR"] = str(root / "logs")
-        anyio.run(compare, Runtime(load_settings()), url_a, args.rounds, args.tokens)
+        rows = anyio.run(compare, Runtime(load_settings()), url_a, args.rounds, args.tokens)
         catalog.write_text(
             f'[[models]]\nid = "remote"\nendpoints = ["{url_a}", "{url_b}"]\napi_key_env = "BENCH_KEY"\n'
         )
         runtime = Runtime(load_settings())
-        print("\nc. 40 requests over 2 replicas (target: split within ±2)")
         for at_once in (1, 2, 4):
             used = anyio.run(balance, runtime, at_once)
-            print(f"   {at_once} at a time: {used[url_a]} / {used[url_b]}")
-        normal = statistics.median(anyio.run(timed_request, runtime) for _ in range(5))
-        first.kill()
-        first.wait()
-        failing_over = max(anyio.run(timed_request, runtime) for _ in range(2))  # one of these meets the dead one
-        print(
-            f"   after killing one: a request takes {failing_over * 1e3:.0f} ms "
-            f"(normally {normal * 1e3:.0f} ms): failing over costs {(failing_over - normal) * 1e3:.0f} ms"
-        )
+            within = "yes" if abs(used[url_a] - used[url_b]) <= 4 else "no"
+            split = f"{used[url_a]} / {used[url_b]}"
+            rows.append(
+                (f"c. 40 requests, {at_once} at a time: replica A / B", "-", split, f"within ±2: {within}", "20 ± 2")
+            )
+        normal, met, again = failover(runtime, {url_a: first, url_b: second})
+        cost = f"{(met - normal) * 1e3:+.1f} ms (usual {normal * 1e3:.1f})"
+        rows.append(("d. failover: first request after a replica is killed, ms", "-", f"{met * 1e3:.1f}", cost, "-"))
+        cost = f"{(again - normal) * 1e3:+.1f} ms"
+        rows.append(("   then, sent to the dead one first (median of 5), ms", "-", f"{again * 1e3:.1f}", cost, "-"))
+        print()
+        show(("", "openai client, direct", "through localsample", "difference / ratio", "target"), rows)
     finally:
         for process in (first, second):
             if process.poll() is None:

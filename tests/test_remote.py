@@ -27,7 +27,7 @@ from mcp import Client, StdioServerParameters
 
 from localsample.doctor import Level, diagnose, healthy
 from localsample.errors import EngineError
-from localsample.generation import ChatMessage, GenerationRequest, ToolSpec
+from localsample.generation import ChatMessage, Completion, GenerationRequest, OnText, ToolSpec
 from localsample.manage import rows
 from localsample.remote import RemoteGenerator
 from localsample.runtime import Origin, Runtime
@@ -65,6 +65,7 @@ def start_engine(root: Path, name: str) -> Engine:
     log = root / f"{name}.log"
     command = [sys.executable, "-m", "llama_cpp.server", "--model", str(real_model_dir() / SMOL_FILE)]
     command += ["--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--api_key", KEY]
+    command += ["--interrupt_requests", "False"]  # queue concurrent requests (by default one cuts the other)
     env = dict(os.environ) | {"PYTHONUNBUFFERED": "1"}  # its "Disconnected from client" is a print()
     with log.open("wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=out, env=env)
@@ -182,34 +183,55 @@ async def test_replicas_balance_and_a_dead_one_is_skipped_before_the_first_token
     assert states[dead].startswith("failing") and states[engines[0].url] == "ok"
 
 
-async def test_an_engine_that_dies_after_the_first_token_fails_the_request_clearly(
-    model_dir: Path, isolated: Path, monkeypatch: pytest.MonkeyPatch
+async def test_a_replica_killed_mid_run_fails_its_answer_clearly_and_what_waited_moves_on(
+    engines: list[Engine], isolated: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Replicas k (killed) and engines[0]: a is answering on k, b on the other, c waits on k
+    behind a (the server answers one at a time). Killing k fails a, which had text, with an
+    error naming k; c, which had none yet, is answered by the other replica."""
     root = Path(tempfile.mkdtemp(prefix="lsk-"))
-    engine = start_engine(root, "k")
+    k = start_engine(root, "k")
     try:
-        catalog(isolated, engine.url)
+        catalog(isolated, k.url, engines[0].url)
         monkeypatch.setenv("SMOL_KEY", KEY)
         runtime = Runtime(load_settings())
+        remote = runtime.pool.generator(runtime.catalog.get("far"))
+        assert isinstance(remote, RemoteGenerator)
         first_text = anyio.Event()
+        results: dict[str, Completion | EngineError] = {}
 
         async def on_text(_text: str, _tokens: int) -> None:
             first_text.set()
 
-        async def kill() -> None:
-            await first_text.wait()
-            engine.process.kill()
-
-        failure: EngineError | None = None
-        async with anyio.create_task_group() as group:
-            group.start_soon(kill)
+        async def one(name: str, tokens: int, show: OnText | None = None) -> None:
             try:
-                await runtime.answer(request(400), Origin("t", "d"), model="far", on_text=on_text)
+                answer = await runtime.answer(request(tokens), Origin("t", name), model="far", on_text=show)
+                results[name] = answer.completion
             except EngineError as exc:
-                failure = exc
-        assert failure is not None and f"the engine at {engine.url} failed while answering" in str(failure)
+                results[name] = exc
+
+        async def until(*in_flight: int) -> None:
+            with anyio.fail_after(20):
+                while tuple(r.in_flight for r in remote.replicas) != in_flight:
+                    await anyio.sleep(0.01)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(one, "a", 400, on_text)  # k: the first of equally idle replicas
+            await first_text.wait()
+            group.start_soon(one, "b", 100)  # the other: fewest in flight
+            await until(1, 1)
+            group.start_soon(one, "c", 5)  # k: equally busy, equally used, listed first
+            await until(2, 1)
+            await anyio.sleep(0.5)  # c's request has reached k, which holds it behind a
+            k.process.kill()
+        a, c = results["a"], results["c"]
+        assert isinstance(a, EngineError) and f"the engine at {k.url} failed while answering" in str(a)
+        assert isinstance(c, Completion) and c.engine == engines[0].url and c.completion_tokens == 5
+        assert isinstance(results["b"], Completion) and results["b"].engine == engines[0].url
+        assert remote.replicas[0].sent == 2  # c went to k first, then moved on
+        assert remote.status()[0]["state"].startswith("failing")
     finally:
-        stop_engine(engine)
+        stop_engine(k)
         shutil.rmtree(root, ignore_errors=True)
 
 

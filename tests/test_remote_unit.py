@@ -43,6 +43,7 @@ def test_offline_refuses_a_non_loopback_endpoint_without_contacting_it(isolated:
     with pytest.raises(EngineError, match="offline mode refuses") as refused:
         anyio.run(generator.generate, HI)
     assert "drop --offline" in str(refused.value)
+    assert generator.why_unavailable().startswith("offline: its endpoints (http://gpu-box.invalid:8000/v1)")
 
 
 def test_an_endpoint_that_does_not_answer_makes_selection_fall_back_and_say_why(isolated: Path) -> None:
@@ -52,6 +53,13 @@ def test_an_endpoint_that_does_not_answer_makes_selection_fall_back_and_say_why(
     choice = runtime.select(needs=Needs(), prefs=Preferences(hints=("far",)), server="s")
     assert choice.model.id == "smollm2-135m-instruct"
     assert f"hint 'far' matched only box (no endpoint answers ({dead}" in choice.reason
+    why = runtime.pool.why_unavailable(runtime.catalog.get("box"))
+    assert why.startswith(f"no endpoint answers ({dead}: no answer to GET /models")
+
+
+def generator_body(isolated: Path, request: GenerationRequest) -> dict[str, object]:
+    settings = load_settings()
+    return RemoteGenerator(load_catalog(settings.catalog_path).get("box"), settings).body(request)
 
 
 def test_stop_strings_are_not_sent_and_max_tokens_is(isolated: Path) -> None:
@@ -60,6 +68,8 @@ def test_stop_strings_are_not_sent_and_max_tokens_is(isolated: Path) -> None:
     body = RemoteGenerator(load_catalog(settings.catalog_path).get("box"), settings).body(HI)
     assert "stop" not in body and body["max_tokens"] == 5 and body["model"] == "box"
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    penalised = generator_body(isolated, GenerationRequest(messages=HI.messages, max_tokens=5, repeat_penalty=1.1))
+    assert penalised["repeat_penalty"] == penalised["repetition_penalty"] == 1.1  # llama.cpp's and vLLM's names
 
 
 def test_a_tool_call_that_breaks_its_schema_is_refused(isolated: Path) -> None:
@@ -83,3 +93,41 @@ def test_catalog_entries_are_local_or_remote(isolated: Path) -> None:
     entry = load_catalog(load_settings().catalog_path).get("box")
     assert entry.remote and entry.urls == ["http://a:1/v1", "http://b:2/v1"]
     assert json.loads(entry.model_dump_json())["source"] == ""
+
+
+def test_models_list_and_show_give_each_endpoint_and_its_state(isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from localsample.cli import app
+
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    (isolated / "models.toml").write_text(
+        f'[[models]]\nid = "box"\nendpoints = ["{dead}", "http://gpu-box.invalid:8000/v1"]\n'
+        'remote_model = "qwen"\napi_key_env = "BOX_KEY"\naliases = ["far"]\n'
+    )
+    monkeypatch.setenv("LOCALSAMPLE_OFFLINE", "1")  # the non-loopback endpoint is not contacted
+    runner = CliRunner()
+    listed = runner.invoke(app, ["models", "list"]).stdout.splitlines()
+    assert any(line.startswith("box") and line.endswith("remote: 0/2 endpoints answer") for line in listed)
+    assert f"box: {dead} failing (no answer to GET /models" in "\n".join(listed)
+    assert "box: http://gpu-box.invalid:8000/v1 offline: not used" in listed
+    shown = runner.invoke(app, ["models", "show", "far"]).stdout
+    assert "remote model  qwen" in shown and "key from      BOX_KEY" in shown and "pull" not in shown
+    data = json.loads(runner.invoke(app, ["models", "show", "far", "--json"]).stdout)
+    assert data["status"] == "remote" and [e["url"] for e in data["endpoints"]] == [
+        dead,
+        "http://gpu-box.invalid:8000/v1",
+    ]
+
+
+def test_remote_models_take_no_room_in_the_pool(isolated: Path) -> None:
+    """A remote model is always ready and holds no local memory: it neither counts toward
+    max_loaded_models nor gets unloaded to make room or by keep-alive."""
+    remote_catalog(isolated, "http://127.0.0.1:9/v1")
+    runtime = Runtime(load_settings(max_loaded_models=1, keep_alive=0.01), factory=fake_factory())
+    box = runtime.catalog.get("box")
+    runtime.pool.resident(box)  # in use earlier (nothing contacted)
+    local = runtime.catalog.get("smollm2-135m-instruct")
+    anyio.run(runtime.pool.load, local)
+    assert [r.model.id for r in runtime.pool.loaded()] == ["box", local.id]
+    assert runtime.pool.reap(now=1e12) == [local.id]
