@@ -63,6 +63,7 @@ class AuditRecord:
     stop_reason: str | None = None
     tools_called: list[str] | None = None  # names only: arguments are text (audit_text)
     endpoint: str | None = None  # the remote engine that answered (catalog entries with endpoints)
+    media: list[str] | None = None  # each image or audio clip's type, size, dimensions: never its bytes
     error: str | None = None
     # Only with audit_text = true:
     system: str | None = None

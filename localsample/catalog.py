@@ -374,18 +374,34 @@ def resolve_model_path(model: ModelEntry, model_dir: Path) -> Path:
     raise ModelFileError(f"model '{model.id}': file {path} does not exist", fix)
 
 
+def with_projector_path(model: ModelEntry, model_dir: Path) -> ModelEntry:
+    """The entry with ``mmproj`` as the path of its file on this disk, for the engine (an
+    ``hf://`` projector not downloaded yet stays as it is: loading it says to pull)."""
+    if not model.mmproj:
+        return model
+    found = find_source(model.mmproj, model_dir)
+    return model.model_copy(update={"mmproj": str(found)}) if found is not None else model
+
+
 NEW_ENTRY_MAX_CTX = 8192
 """The largest n_ctx a newly registered model gets (its trained context may be larger)."""
 
 
 def new_entry_fields(
-    model_id: str, source: str, info: GGUFInfo, origin: str, mmproj: str | None = None
+    model_id: str,
+    source: str,
+    info: GGUFInfo,
+    origin: str,
+    mmproj: str | None = None,
+    projector: GGUFInfo | None = None,
 ) -> dict[str, Any]:
     """The user-catalog fields of a model registered from a file (pulled or imported):
     family, description and context size from its GGUF header; ``origin`` ends the
     description (e.g. ``pulled from ORG/REPO``). The ``tools`` capability is set when the
-    chat template writes tool calls in a family localsample knows (toolcalls.py)."""
-    capabilities = ["chat", "vision"] if mmproj else ["chat"]
+    chat template writes tool calls in a family localsample knows (toolcalls.py); ``vision``
+    and ``audio`` as the projector's header says (``vision`` when it is not read)."""
+    reads = list(projector.projector_reads) if projector is not None else ["vision"]
+    capabilities = ["chat", *reads] if mmproj else ["chat"]
     if info.chat_template and template_supports_tools(info.chat_template):
         capabilities.append("tools")
     fields: dict[str, Any] = {

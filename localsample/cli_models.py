@@ -158,7 +158,8 @@ def show_lines(report: ModelReport) -> list[str]:
             f"  quantization  {info.quantization}",
             f"  context       {info.context_length or 'unknown'} trained, n_ctx {entry.load.n_ctx} loaded",
             f"  chat template {template}",
-            f"  vision        {report.vision_projector or 'no projector'}",
+            f"  projector     {report.vision_projector or 'none'}"
+            + (f" (reads {'/'.join(report.projector_reads)})" if report.projector_reads else ""),
             f"  path          {files[0]}" + (f" (+{len(files) - 1} more)" if len(files) > 1 else ""),
             f"  size          {human_size(report.size or 0)}",
         ]

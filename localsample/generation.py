@@ -8,6 +8,8 @@ same protocol), and every generator returns a ``Completion`` with an exact stop 
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +19,7 @@ from localsample.errors import RequestError
 
 Role = Literal["system", "user", "assistant", "tool"]
 StopReason = Literal["endTurn", "stopSequence", "maxTokens", "toolUse"]
+MediaKind = Literal["image", "audio"]
 ToolChoice = Literal["auto", "required", "none"]
 """``auto``: the model decides; ``required``: it must call a tool; ``none``: it must not."""
 
@@ -42,15 +45,78 @@ class ToolCall:
     arguments: Mapping[str, Any]
 
 
+MEDIA_MARKER = "<__media__>"
+"""Where a message's image or audio stands in its ``content`` (one marker per item of
+``media``, in order); the engine hands the rendered prompt to llama.cpp's multimodal
+library, which puts each item's embeddings there."""
+
+
+@dataclass(frozen=True)
+class Media:
+    """An image or audio clip in a user message, checked (media.py): the bytes as sent,
+    their type, and what a person is shown of them (never the bytes)."""
+
+    kind: MediaKind
+    mime_type: str
+    data: bytes = field(repr=False)
+    width: int | None = None
+    height: int | None = None
+    seconds: float | None = None
+    """An audio clip's length, where its header tells it (WAV)."""
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """SHA-256 of the bytes: the image's identity in the engine's caches."""
+        return hashlib.sha256(self.data).hexdigest()
+
+    @property
+    def pixels(self) -> int:
+        return (self.width or 0) * (self.height or 0)
+
+    def describe(self) -> str:
+        """``image/png 640x480, 12.3 KB``: what approval and logs show."""
+        size = f"{len(self.data) / 1024:.1f} KB"
+        if self.kind == "image":
+            return f"{self.mime_type} {self.width}x{self.height}, {size}"
+        length = f"{self.seconds:.1f} s, " if self.seconds is not None else ""
+        return f"{self.mime_type} {length}{size}"
+
+
 @dataclass(frozen=True)
 class ChatMessage:
     """One turn. An assistant turn may carry ``tool_calls``; a ``tool`` turn is the result
-    of the call ``tool_call_id`` (its text in ``content``)."""
+    of the call ``tool_call_id`` (its text in ``content``). A user turn may carry ``media``,
+    each standing at a ``MEDIA_MARKER`` in ``content``."""
 
     role: Role
     content: str
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str | None = None
+    media: tuple[Media, ...] = ()
+
+    def __post_init__(self) -> None:
+        markers = self.content.count(MEDIA_MARKER) if self.media else 0  # text alone may hold one: it is text
+        if markers != len(self.media):
+            raise RequestError(
+                f"a {self.role} message's text holds {markers} media markers ({MEDIA_MARKER}) "
+                f"for {len(self.media)} images or audio clips",
+                f"leave the text {MEDIA_MARKER} out of messages: it marks where an image goes",
+            )
+
+    @property
+    def text(self) -> str:
+        """The content without media markers (what a person reads)."""
+        return self.content.replace(MEDIA_MARKER, "") if self.media else self.content
+
+    def shown(self) -> str:
+        """The content with each medium described in brackets: ``[image image/png 64x48, 1.2 KB]``."""
+        if not self.media:
+            return self.content
+        pieces = self.content.split(MEDIA_MARKER)
+        out = [pieces[0]]
+        for medium, piece in zip(self.media, pieces[1:], strict=True):
+            out += [f"[{medium.kind} {medium.describe()}]", piece]
+        return "".join(out)
 
 
 @dataclass(frozen=True)
@@ -76,6 +142,11 @@ class GenerationRequest:
     def offers_tools(self) -> bool:
         """Whether the model may call a tool in its answer."""
         return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def media(self) -> list[Media]:
+        """Every image and audio clip, in the order of the conversation."""
+        return [medium for message in self.messages for medium in message.media]
 
     def __post_init__(self) -> None:
         if self.max_tokens <= 0:

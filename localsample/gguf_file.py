@@ -45,6 +45,9 @@ class GGUFInfo:
     chat_template: str | None
     split_count: int
     is_projector: bool
+    projector_reads: tuple[str, ...] = ()
+    """A projector's capabilities: ``vision`` and/or ``audio`` (its ``clip.has_*_encoder``
+    keys; a projector that has neither key is an older vision one)."""
 
     @property
     def template_family(self) -> str | None:
@@ -261,6 +264,8 @@ def read_gguf(path: Path) -> GGUFInfo:
         if part.is_file():
             parameters += sum(_elements(shape) for shape in _header(part)[1])
     context = values.get(f"{arch}.context_length")
+    is_projector = arch == "clip" or "mmproj" in path.name.lower()
+    reads = tuple(c for c in ("vision", "audio") if values.get(f"clip.has_{c}_encoder"))
     return GGUFInfo(
         path=path,
         architecture=arch,
@@ -270,7 +275,8 @@ def read_gguf(path: Path) -> GGUFInfo:
         context_length=int(context) if context is not None else None,
         chat_template=values.get("tokenizer.chat_template"),
         split_count=len(parts),
-        is_projector=arch == "clip" or "mmproj" in path.name.lower(),
+        is_projector=is_projector,
+        projector_reads=(reads or ("vision",)) if is_projector else (),
     )
 
 

@@ -277,8 +277,9 @@ def check_space(plan: PullPlan, todo: list[RemoteFile]) -> None:
         )
 
 
-def entry_fields(plan: PullPlan, info: GGUFInfo) -> dict[str, Any]:
-    """The catalog fields a pulled model gets, from the plan and its GGUF header."""
+def entry_fields(plan: PullPlan, info: GGUFInfo, projector: GGUFInfo | None = None) -> dict[str, Any]:
+    """The catalog fields a pulled model gets, from the plan and the GGUF headers of the
+    model and its projector (which says whether it reads images, audio or both)."""
     assert plan.entry_id is not None
     mmproj = f"hf://{plan.repo}/{plan.mmproj.path}" if plan.mmproj else None
-    return new_entry_fields(plan.entry_id, plan.source, info, f"pulled from {plan.repo}", mmproj)
+    return new_entry_fields(plan.entry_id, plan.source, info, f"pulled from {plan.repo}", mmproj, projector)

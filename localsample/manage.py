@@ -135,7 +135,8 @@ def pull(
     info = read_gguf(paths[0])
     if info.is_projector:
         raise ModelFileError(f"{paths[0]} is a vision projector, not a model", "pull the model file itself")
-    updated = upsert_user_entry(runtime.settings.catalog_path, entry_fields(plan, info))
+    projector = read_gguf(paths[-1]) if plan.mmproj is not None else None  # downloaded last
+    updated = upsert_user_entry(runtime.settings.catalog_path, entry_fields(plan, info, projector))
     assert plan.entry_id is not None
     return Pulled(plan.entry_id, paths, "updated" if updated else "added")
 
@@ -221,8 +222,9 @@ def import_model(
         raise ModelFileError(
             f"{path} is a vision projector (mmproj), not a model", "import the model and pass this file as --mmproj"
         )
-    if mmproj is not None and not read_gguf(mmproj.expanduser().resolve()).is_projector:
-        raise ModelFileError(f"{mmproj} is not a vision projector", "pass the mmproj GGUF that goes with the model")
+    projector_info = read_gguf(mmproj.expanduser().resolve()) if mmproj is not None else None
+    if projector_info is not None and not projector_info.is_projector:
+        raise ModelFileError(f"{mmproj} is not a projector", "pass the mmproj GGUF that goes with the model")
     model_id = new_id or id_like(path.name)
     source, projector = str(path), str(mmproj.expanduser().resolve()) if mmproj else None
     if copy:
@@ -234,6 +236,6 @@ def import_model(
         if mmproj is not None:
             shutil.copy2(mmproj, store / mmproj.name)
             projector = mmproj.name
-    fields = new_entry_fields(model_id, source, info, f"imported from {path}", projector)
+    fields = new_entry_fields(model_id, source, info, f"imported from {path}", projector, projector_info)
     updated = upsert_user_entry(runtime.settings.catalog_path, fields)
     return model_id, updated

@@ -38,7 +38,17 @@ from openai.types.chat.chat_completion_message_function_tool_call import Functio
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from localsample.errors import RequestError
-from localsample.generation import ChatMessage, Completion, GenerationRequest, ToolCall, ToolChoice, ToolSpec
+from localsample.generation import (
+    MEDIA_MARKER,
+    ChatMessage,
+    Completion,
+    GenerationRequest,
+    Media,
+    ToolCall,
+    ToolChoice,
+    ToolSpec,
+)
+from localsample.media import audio_of, from_data_uri
 from localsample.sampling_map import MAX_TOOLS, check_sampling_ranges, response_schema_of, stop_sequences
 
 FinishReason = Literal["stop", "length", "tool_calls"]
@@ -288,11 +298,13 @@ def messages_of(messages: Sequence[MessageIn], tool_names: set[str]) -> tuple[st
                 f"{where} follows tool_calls {pending} that no tool message answers",
                 "send one tool message per tool call, with its tool_call_id, right after the assistant message",
             )
+        if message.role == "user":
+            text, media = user_content(message.content, where)
+            turns.append(ChatMessage("user", text, media=media))
+            continue
         text = text_of(message.content, where)
         if message.role in ("system", "developer"):
             system.append(text)
-        elif message.role == "user":
-            turns.append(ChatMessage("user", text))
         else:
             made = tool_calls_of(message.tool_calls or [], tool_names, calls, where)
             pending = [call.id for call in made]
@@ -314,6 +326,39 @@ def tool_turn(message: MessageIn, pending: list[str], where: str) -> ChatMessage
     return ChatMessage("tool", text_of(message.content, where), tool_call_id=message.tool_call_id)
 
 
+def user_content(content: str | list[dict[str, Any]] | None, where: str) -> tuple[str, tuple[Media, ...]]:
+    """A user message's text and its images (``image_url`` parts with data: URIs) and audio
+    (``input_audio`` parts), each at a media marker in the text."""
+    if not isinstance(content, list) or not any(p.get("type") in ("image_url", "input_audio") for p in content):
+        return text_of(content, where), ()
+    texts: list[str] = []
+    media: list[Media] = []
+    for index, part in enumerate(content):
+        at = f"{where}.content[{index}]"
+        kind = part.get("type")
+        with field(at):
+            if kind == "image_url":
+                image = part.get("image_url")
+                url = image.get("url") if isinstance(image, dict) else None
+                if not isinstance(url, str):
+                    raise InvalidField(at, f"{at}.image_url.url must be a string", "send {'url': 'data:...'}")
+                media.append(from_data_uri(url, f"{at}.image_url"))
+            elif kind == "input_audio":
+                audio = part.get("input_audio")
+                data, fmt = (audio.get("data"), audio.get("format")) if isinstance(audio, dict) else (None, None)
+                if not isinstance(data, str) or fmt not in ("wav", "mp3"):
+                    raise InvalidField(at, f"{at}.input_audio needs data (base64) and format wav or mp3", "send both")
+                media.append(audio_of(data, "audio/mpeg" if fmt == "mp3" else "audio/wav", f"{at}.input_audio"))
+            else:
+                texts.append(text_of([part], where))
+                continue
+        texts.append(MEDIA_MARKER)
+    with field(where):
+        if "".join(texts).count(MEDIA_MARKER) != len(media):
+            raise RequestError(f"{where}: its text holds {MEDIA_MARKER}", f"leave the text {MEDIA_MARKER} out")
+    return "".join(texts), tuple(media)
+
+
 def text_of(content: str | list[dict[str, Any]] | None, where: str) -> str:
     """A message's text: a string, or its text parts joined (refusal parts are left out)."""
     if content is None or isinstance(content, str):
@@ -326,9 +371,8 @@ def text_of(content: str | list[dict[str, Any]] | None, where: str) -> str:
         elif kind != "refusal":
             raise InvalidField(
                 f"{where}.content[{index}]",
-                f"{where}.content[{index}] has {kind!r} content, which is not supported "
-                "(localsample serves text-only models for now)",
-                'send text parts only: {"type": "text", "text": "..."}',
+                f"{where}.content[{index}] has {kind!r} content, which localsample does not read here",
+                'send text parts: {"type": "text", "text": "..."} (images and audio: in user messages)',
             )
     return "".join(texts)
 

@@ -9,10 +9,11 @@ request: sampler values OpenAI has no field for (``top_k``, ``min_p``,
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
-from localsample.generation import ChatMessage, GenerationRequest, ToolCall
+from localsample.generation import MEDIA_MARKER, ChatMessage, GenerationRequest, Media, ToolCall
 
 __all__ = ["chat_body", "message_body", "tool_call_body"]
 
@@ -22,9 +23,31 @@ def tool_call_body(call: ToolCall) -> dict[str, Any]:
     return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": arguments}}
 
 
+def media_part(medium: Media) -> dict[str, Any]:
+    """An image as an ``image_url`` part (a data: URI), an audio clip as ``input_audio``."""
+    data = base64.b64encode(medium.data).decode("ascii")
+    if medium.kind == "image":
+        return {"type": "image_url", "image_url": {"url": f"data:{medium.mime_type};base64,{data}"}}
+    return {"type": "input_audio", "input_audio": {"data": data, "format": medium.mime_type.split("/")[-1]}}
+
+
+def content_body(message: ChatMessage) -> str | list[dict[str, Any]]:
+    """The turn's content: its text, or text and media parts in the order they were sent."""
+    if not message.media:
+        return message.content
+    pieces = message.content.split(MEDIA_MARKER)
+    parts: list[dict[str, Any]] = [{"type": "text", "text": pieces[0]}] if pieces[0] else []
+    for medium, text in zip(message.media, pieces[1:], strict=True):
+        parts.append(media_part(medium))
+        if text:
+            parts.append({"type": "text", "text": text})
+    return parts
+
+
 def message_body(message: ChatMessage) -> dict[str, Any]:
-    """One turn in OpenAI's shape (an assistant turn's calls; a tool turn's call id)."""
-    body: dict[str, Any] = {"role": message.role, "content": message.content}
+    """One turn in OpenAI's shape (an assistant turn's calls; a tool turn's call id; a user
+    turn's images and audio as content parts)."""
+    body: dict[str, Any] = {"role": message.role, "content": content_body(message)}
     if message.tool_calls:
         body["tool_calls"] = [tool_call_body(call) for call in message.tool_calls]
     if message.tool_call_id is not None:

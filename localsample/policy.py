@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from localsample.errors import RateLimitError, RequestError
-from localsample.generation import ChatMessage, Completion, GenerationRequest, ToolCall
+from localsample.generation import MEDIA_MARKER, ChatMessage, Completion, GenerationRequest, ToolCall
+from localsample.media import check_limits
 from localsample.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class Pending:
         if self.request.system:
             lines.append(f"system: {self.request.system}")
         for m in self.request.messages:
-            lines.append(f"{m.role}: {m.content}" if m.content or not m.tool_calls else f"{m.role}:")
+            lines.append(f"{m.role}: {m.shown()}" if m.content or not m.tool_calls else f"{m.role}:")
             lines += [f"  calls {call_line(c)}" for c in m.tool_calls]
         if self.request.offers_tools:
             names = ", ".join(t.name for t in self.request.tools)
@@ -126,11 +127,13 @@ class DenyApprover:
 def edited(
     request: GenerationRequest, prompt: str | None, max_tokens: int | None, temp: float | None
 ) -> GenerationRequest:
-    """The request with a new last user message and/or parameters, as a human edited it."""
+    """The request with a new last user message and/or parameters, as a human edited it
+    (the message's images and audio stay, before the new text)."""
     messages = list(request.messages)
     if prompt:
         last = max((i for i, m in enumerate(messages) if m.role == "user"), default=len(messages) - 1)
-        messages[last] = ChatMessage("user", prompt)
+        kept = messages[last].media
+        messages[last] = ChatMessage("user", MEDIA_MARKER * len(kept) + prompt, media=kept)
     return dataclasses.replace(
         request,
         messages=messages,
@@ -195,6 +198,7 @@ class Limits:
                     f"ask for at most {policy.max_tokens}, or raise {key}.max_tokens in the settings",
                 )
             request = dataclasses.replace(request, max_tokens=policy.max_tokens)
+        check_limits(request.media, self.settings.max_media_bytes, self.settings.max_image_pixels)
         self.requests.setdefault(server, deque()).append(now)
         return request
 

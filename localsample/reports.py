@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from localsample.catalog import ModelEntry
-from localsample.gguf_file import GGUFInfo
+from localsample.errors import ModelFileError
+from localsample.gguf_file import GGUFInfo, read_gguf
 from localsample.manage import details
 from localsample.runtime import Runtime
 
@@ -44,6 +45,17 @@ class ModelReport:
             return None
         return self.files[-1]
 
+    @property
+    def projector_reads(self) -> tuple[str, ...]:
+        """What the projector reads (``vision``, ``audio``), from its GGUF header."""
+        projector = self.vision_projector
+        if projector is None:
+            return ()
+        try:
+            return read_gguf(projector).projector_reads
+        except ModelFileError:
+            return ()
+
     def as_json(self) -> dict[str, object]:
         entry, info = self.entry, self.info
         data: dict[str, object] = {
@@ -68,6 +80,7 @@ class ModelReport:
                 "chat_template_override": entry.chat_template is not None,
                 "split_parts": info.split_count,
                 "vision_projector": str(projector) if projector else None,
+                "projector_reads": list(self.projector_reads),
             }
         return data
 

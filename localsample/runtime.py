@@ -72,14 +72,18 @@ def decision_of(error: LocalsampleError) -> AuditDecision:
 
 
 def needs_of(request: GenerationRequest) -> Needs:
-    """What a request needs of a model (an estimate of its prompt's tokens, maxTokens), and
-    the ``tools`` capability it prefers when it offers tools."""
+    """What a request needs of a model: ``vision`` for images, ``audio`` for audio clips,
+    an estimate of its prompt's tokens (text only: an image's tokens depend on the model's
+    projector), maxTokens, and the ``tools`` capability it prefers when it offers tools."""
     chars = sum(len(m.content) for m in request.messages) + len(request.system or "")
     chars += sum(len(json.dumps(dict(c.arguments))) for m in request.messages for c in m.tool_calls)
     if request.offers_tools:
         chars += sum(len(t.name) + len(t.description) + len(json.dumps(dict(t.input_schema))) for t in request.tools)
+    capabilities = {medium.kind.replace("image", "vision") for medium in request.media}
+    if request.offers_tools:
+        capabilities.add("tools")
     return Needs(
-        capabilities=frozenset({"tools"}) if request.offers_tools else frozenset(),
+        capabilities=frozenset(capabilities),
         prompt_tokens=estimate_tokens(chars, len(request.messages)),
         max_tokens=request.max_tokens,
     )
@@ -192,6 +196,7 @@ class Runtime:
         made before (the agent keeps one model for a conversation); ``ask`` is the way to
         ask a person in the caller's context (used when the server's settings say so)."""
         record = AuditRecord(origin.server, origin.request_id, origin.protocol, origin=origin.via)
+        record.media = [f"{medium.kind} {medium.describe()}" for medium in request.media] or None
         try:
             chosen = choice or self.select(model=model, needs=needs_of(request), prefs=prefs, server=origin.server)
             answer = await self._answer(request, origin, chosen, ask, on_text, record)
@@ -240,7 +245,7 @@ class Runtime:
         if include_text:
             record.system = request.system
             record.messages = [
-                [m.role, "\n".join([m.content, *map(call_line, m.tool_calls)])] for m in request.messages
+                [m.role, "\n".join([m.shown(), *map(call_line, m.tool_calls)])] for m in request.messages
             ]
         completion = await self.complete(choice, request, on_text)
         self.limits.record_tokens(server, completion.completion_tokens)

@@ -1,8 +1,10 @@
 """``sampling/createMessage`` params → ``GenerationRequest``, and ``Completion`` → result.
 
 Validation follows the spec (2025-11-25); every refusal is a ``RequestError`` (-32602)
-naming the field. Tools in a request (``tools``, ``toolChoice``, ``tool_use`` and
-``tool_result`` content) map onto ``ToolSpec``, ``ToolCall`` and ``tool`` turns; a result
+naming the field. ``image`` and ``audio`` content in user messages becomes ``Media`` at a
+``MEDIA_MARKER`` in the turn's text (media.py checks the bytes against the type). Tools
+in a request (``tools``, ``toolChoice``, ``tool_use`` and ``tool_result`` content) map onto
+``ToolSpec``, ``ToolCall`` and ``tool`` turns; a result
 that holds tool calls is a list of content blocks with ``stopReason: "toolUse"``.
 
 localsample extension: ``metadata.response_format`` in OpenAI's shape,
@@ -22,7 +24,18 @@ from pydantic import ValidationError
 
 from localsample.catalog import SamplingDefaults
 from localsample.errors import RequestError, UnsupportedContentError
-from localsample.generation import ChatMessage, Completion, GenerationRequest, Role, ToolCall, ToolChoice, ToolSpec
+from localsample.generation import (
+    MEDIA_MARKER,
+    ChatMessage,
+    Completion,
+    GenerationRequest,
+    Media,
+    Role,
+    ToolCall,
+    ToolChoice,
+    ToolSpec,
+)
+from localsample.media import audio_of, image_of
 from localsample.selection import Preferences
 
 log = logging.getLogger(__name__)
@@ -179,9 +192,19 @@ def turn_of(role: Role, blocks: Sequence[object], tool_names: set[str], calls: s
     """A user or assistant turn: its text, and an assistant's tool calls."""
     texts: list[str] = []
     made: list[ToolCall] = []
-    for block in blocks:
+    media: list[Media] = []
+    for index, block in enumerate(blocks):
         if isinstance(block, types.TextContent):
             texts.append(block.text)
+        elif isinstance(block, types.ImageContent | types.AudioContent):
+            part = f"{where}.content" + (f"[{index}]" if len(blocks) > 1 else "")
+            if role != "user":
+                raise RequestError(
+                    f"{part}: {block.type} content is read in user messages only", "move it to a user message"
+                )
+            read = image_of if isinstance(block, types.ImageContent) else audio_of
+            media.append(read(block.data, block.mime_type, part))
+            texts.append(MEDIA_MARKER)
         elif isinstance(block, types.ToolUseContent):
             if role != "assistant":
                 raise RequestError(f"{where}: tool_use content belongs in an assistant message", "move it")
@@ -196,7 +219,13 @@ def turn_of(role: Role, blocks: Sequence[object], tool_names: set[str], calls: s
             made.append(ToolCall(block.id, block.name, dict(block.input)))
         else:
             raise unsupported(block, where)
-    return ChatMessage(role, "".join(texts), tool_calls=tuple(made))
+    text = "".join(texts)
+    if media and text.count(MEDIA_MARKER) != len(media):
+        raise RequestError(
+            f"{where}: its text holds {MEDIA_MARKER}, which marks where an image goes",
+            f"leave the text {MEDIA_MARKER} out of the message",
+        )
+    return ChatMessage(role, text, tool_calls=tuple(made), media=tuple(media))
 
 
 def result_text(block: types.ToolResultContent, where: str) -> str:
@@ -218,8 +247,8 @@ def result_text(block: types.ToolResultContent, where: str) -> str:
 def unsupported(block: object, where: str) -> UnsupportedContentError:
     kind = getattr(block, "type", type(block).__name__)
     return UnsupportedContentError(
-        f"{where} has {kind} content, which is not supported yet (localsample serves text-only models for now)",
-        "send text content only",
+        f"{where} has {kind} content, which localsample does not read there",
+        "send text, image or audio content in user messages (a tool result: text)",
     )
 
 

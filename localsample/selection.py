@@ -33,6 +33,12 @@ from localsample.catalog import Catalog, ModelEntry
 from localsample.errors import RequestError
 
 CAPABILITIES = ("vision", "audio", "tools")
+MEDIA = frozenset({"vision", "audio"})
+"""Capabilities that need a projector (mmproj) beside a local model's GGUF."""
+MEDIA_FIX = (
+    "add a model that reads them: `localsample models pull ORG/REPO` of a GGUF repo with an mmproj file "
+    "(e.g. ggml-org/SmolVLM-256M-Instruct-GGUF:Q8_0), or `localsample models import MODEL.gguf --mmproj MMPROJ.gguf`"
+)
 PREFERRED = frozenset({"tools"})
 """Capabilities a request prefers rather than needs: any model can call tools (the generic
 prompt and the grammar keep its calls well-formed), a model trained for it calls better."""
@@ -141,6 +147,9 @@ def _unfit(model: ModelEntry, needs: Needs) -> str | None:
     missing = sorted(needs.capabilities - PREFERRED - set(model.capabilities))
     if missing:
         return f"no {'/'.join(missing)} capability"
+    media = sorted(needs.capabilities & MEDIA)
+    if media and not model.mmproj and not model.remote:
+        return f"{'/'.join(media)} capability but no projector (set mmproj in its entry)"
     if needs.context_tokens > model.load.n_ctx:
         return f"n_ctx {model.load.n_ctx} < ~{needs.context_tokens} tokens needed"
     return None
@@ -189,16 +198,21 @@ def select(
     server: str = "server",
     why_unavailable: Callable[[ModelEntry], str] | None = None,
 ) -> Choice:
-    """The model for a request and the reason, with every model ranked (see module doc)."""
+    """The model for a request and the reason, with every model ranked (see module doc);
+    ``why_unavailable`` says why ``available`` said no (the pool knows: offline, no answer)."""
     policy = policy or ServerPolicy()
-    ranking = rank(catalog, needs, prefs, available=available, allow=policy.allow, server=server)
+    ranking = rank(
+        catalog, needs, prefs, available=available, allow=policy.allow, server=server, why_unavailable=why_unavailable
+    )
     ranked = tuple(ranking)
     candidates = [r.model for r in ranking if r.excluded is None]
     if not candidates:
         raise RequestError(
             f"no model in the catalog can serve this request (it needs {_describe(needs)}); "
             + "; ".join(f"{r.model.id}: {r.excluded}" for r in ranking),
-            "pull or add a model with what the request needs, or relax the server's allow-list",
+            MEDIA_FIX
+            if needs.capabilities & MEDIA
+            else "pull or add a model with what the request needs, or relax the server's allow-list",
         )
 
     if policy.pin is not None:

@@ -141,6 +141,12 @@ class Settings(BaseSettings):
     queue_timeout: float = Field(
         60.0, gt=0, description="seconds a request may wait for a free slot before it gets 'busy, retry later'"
     )
+    max_media_bytes: int = Field(
+        20_000_000, ge=1, description="largest image or audio clip a request may carry, in bytes (after base64)"
+    )
+    max_image_pixels: int = Field(
+        33_554_432, ge=1, description="largest image a request may carry, in pixels (width x height)"
+    )
     tool_result_share: float = Field(
         0.25, gt=0, le=1, description="`run`: most of the model's context one tool result may fill (the rest is cut)"
     )

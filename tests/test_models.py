@@ -134,6 +134,7 @@ def test_a_vision_repo_brings_its_projector(env: dict[str, str], isolated: Path)
     assert entry["mmproj"] == "hf://org/Vision-GGUF/mmproj-vis-f16.gguf" and "vision" in entry["capabilities"]
     shown = json.loads(models(env, "show", "vis-q4_k_m", "--json").stdout)
     assert shown["vision_projector"].endswith("mmproj-vis-f16.gguf")
+    assert shown["projector_reads"] == ["vision"]  # an older projector: no has_*_encoder keys
 
 
 def test_a_checksum_mismatch_is_rejected_and_nothing_is_kept(env: dict[str, str], isolated: Path, hub: StubHub) -> None:

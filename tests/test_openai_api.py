@@ -238,7 +238,7 @@ def chat(**fields: Any) -> dict[str, Any]:
         (
             chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
             "messages[0].content[0]",
-            "'image_url' content, which is not supported",
+            "image_url.url is not a base64 data: URI",
         ),
         (
             chat(messages=[*HELLO, {"role": "tool", "tool_call_id": "nope", "content": "x"}]),

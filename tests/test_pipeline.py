@@ -115,7 +115,7 @@ async def test_mcp_codes_for_refusals(tmp_path: Path) -> None:
         ({"max_tokens": 0}, "maxTokens must be positive (got 0)"),
         ({"max_tokens": -5}, "maxTokens must be positive (got -5)"),
         ({"empty": True}, "messages is empty"),
-        ({"image": True}, "messages[1] has image content, which is not supported yet"),
+        ({"image": True}, "messages[1].content.data is not a readable image (8 bytes declared image/png"),
         ({"temperature": 3.5}, "temperature must be between 0 and 2 (got 3.5)"),
         ({"metadata": {"top_k": "many"}}, "metadata.top_k must be a number"),
         ({"max_tokens": 9000}, "maxTokens 9000 of context"),

@@ -38,6 +38,7 @@ n_ctx = 32768
 [[models]]
 id = "big-vision"
 source = "big.gguf"
+mmproj = "big-mmproj.gguf"
 family = "midfam"
 capabilities = ["chat", "vision", "tools"]
 cost = 0.80

@@ -115,9 +115,20 @@ async def push(
     empty: bool = False,
     image: bool = False,
     tools: bool = False,
+    image_data: str | None = None,
+    image_mime: str = "image/png",
+    audio_data: str | None = None,
 ) -> str:
-    """Send a sampling/createMessage as built from the arguments; report what came back."""
+    """Send a sampling/createMessage as built from the arguments; report what came back.
+    ``image_data`` / ``audio_data`` (base64) go in the user message, after its text."""
     messages = [] if empty else [_message(text)]
+    if image_data is not None or audio_data is not None:
+        blocks: list[types.SamplingMessageContentBlock] = [types.TextContent(type="text", text=text)]
+        if image_data is not None:
+            blocks.append(types.ImageContent(type="image", data=image_data, mime_type=image_mime))
+        if audio_data is not None:
+            blocks.append(types.AudioContent(type="audio", data=audio_data, mime_type="audio/wav"))
+        messages = [types.SamplingMessage(role="user", content=blocks)]
     if image:
         messages.append(
             types.SamplingMessage(
