@@ -25,6 +25,13 @@ prompt chunk (never made, see MIN_PROMPT_EVAL), a prompt in one batch with other
 and for a lone decode row over 512+ cells: a prompt read partly from the cache may
 continue differently from the same prompt evaluated cold.
 
+Images and audio (vision.py) are part of a request's ``Prompt``: each medium's positions
+hold placeholder ids derived from its SHA-256, so prefix reuse works for media unchanged
+(a reuse point inside a medium moves back to its start). A medium is evaluated as one
+step, as a prompt chunk is: its embeddings are decoded into the request's own sequence,
+and the other requests decode their next token after it. The first waiting request's
+prompt is made once (``head``), not at every step it waits: media are costly to prepare.
+
 Constrained requests (tool calls, JSON answers: ``Job.constraint``) sample each token
 under a grammar (constrained.py) from their own row, so they batch with every other
 request. A constraint with a ``trigger`` starts inactive: the model writes freely and the trigger is
@@ -37,7 +44,6 @@ trigger carries text the grammar rejects.)
 from __future__ import annotations
 
 import codecs
-import random
 import threading
 import time
 from collections import deque
@@ -46,9 +52,21 @@ from concurrent.futures import Executor, Future
 import llama_cpp
 
 from localsample.constrained import GrammarSampler
-from localsample.errors import ContextOverflowError, EngineError, GenerationCancelled, ToolCallError
+from localsample.errors import ContextOverflowError, EngineError, GenerationCancelled, LocalsampleError, ToolCallError
 from localsample.generation import Completion, Job, StopMatcher, StopReason
-from localsample.slots import Active, ContextSettings, Encode, Piece, Row, Slot, Tokenize, common_prefix
+from localsample.slots import (
+    Active,
+    ContextSettings,
+    Encode,
+    Piece,
+    Prompt,
+    Row,
+    Slot,
+    Span,
+    Tokenize,
+    common_prefix,
+    sampler_chain,
+)
 from localsample.threads import ThreadGovernor
 
 MIN_PROMPT_EVAL = 2
@@ -117,10 +135,12 @@ class Batcher:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
         self.slots = [Slot(seq) for seq in range(slots)]
         self.waiting: deque[tuple[Job, Future[Completion]]] = deque()
+        self.head: tuple[Job, Prompt] | None = None
+        """The first waiting request's prompt, made once while it waits (media are costly)."""
         self.lock = threading.Lock()
         self.looping = False  # the step loop is scheduled or running on the executor
         self.widest_step = 0  # most requests decoded in one step (stats, tests)
-        self.prompt_tokens_evaluated = 0  # prompt tokens computed, cache hits excluded
+        self.prompt_tokens_evaluated = 0  # prompt tokens computed (media tokens too), cache hits excluded
         self.tokens_generated = 0  # completion tokens produced (stats, tests)
 
     # -- from the event loop -----------------------------------------------------------
@@ -171,6 +191,7 @@ class Batcher:
                 if slot.active is not None:
                     self._finish(slot, error=error)
                 self._forget(slot)  # its record may be off now
+            self._drop_head()
             with self.lock:
                 waiting, self.waiting = list(self.waiting), deque()
                 self.looping = False
@@ -196,7 +217,19 @@ class Batcher:
             return busy
 
     def _reserved(self) -> int:
-        return sum(len(s.active.prompt) + s.active.job.request.max_tokens for s in self.slots if s.active)
+        return sum(s.active.source.cells + s.active.job.request.max_tokens for s in self.slots if s.active)
+
+    def _drop_head(self) -> None:
+        if self.head is not None:
+            self.head[1].close()
+            self.head = None
+
+    def _prepared(self, job: Job) -> Prompt:
+        """The prompt of the request at the head of the queue (made once)."""
+        if self.head is None or self.head[0] is not job:
+            self._drop_head()
+            self.head = (job, self.tokenize(job.request))
+        return self.head[1]
 
     def _drop_cancelled(self) -> None:
         """Fail every cancelled request still in the queue, wherever it stands in it (its
@@ -206,6 +239,8 @@ class Batcher:
                 return
             dropped = [(job, future) for job, future in self.waiting if job.cancel.is_set()]
             self.waiting = deque((job, future) for job, future in self.waiting if not job.cancel.is_set())
+        if self.head is not None and self.head[0].cancel.is_set():
+            self._drop_head()
         for _, future in dropped:
             future.set_exception(GenerationCancelled())
 
@@ -217,15 +252,16 @@ class Batcher:
                     return
                 job, future = self.waiting[0]
             try:
-                prompt = self.tokenize(job.request)
-                if len(prompt) + job.request.max_tokens > self.n_ctx:
+                prompt = self._prepared(job)
+                if prompt.cells + job.request.max_tokens > self.n_ctx:
                     raise ContextOverflowError(
-                        prompt_tokens=len(prompt),
+                        prompt_tokens=prompt.cells,
                         max_tokens=job.request.max_tokens,
                         n_ctx=self.n_ctx,
                         model_id=self.model_id,
                     )
             except Exception as exc:
+                self._drop_head()
                 with self.lock:
                     self.waiting.popleft()
                 future.set_exception(exc)
@@ -233,21 +269,24 @@ class Batcher:
             place = self._place(prompt)
             if place is None:
                 return  # no idle slot, no room in the KV cache yet, or a shared prompt ahead: it waits
+            self.head = None  # the slot owns the prompt now
             with self.lock:
                 self.waiting.popleft()
             try:
                 self._start(*place, job, future, prompt)
             except Exception as exc:  # the request is in no queue now: fail it, never lose it
                 place[0].active = None
+                prompt.close()
                 future.set_exception(exc)
 
-    def _place(self, prompt: list[int]) -> tuple[Slot, Slot, int] | None:
+    def _place(self, given: Prompt) -> tuple[Slot, Slot, int] | None:
         """The slot for a new prompt, the slot whose cache it reuses, and how many tokens."""
         idle = [s for s in self.slots if s.active is None]
         if not idle:
             return None
+        prompt, cells = given.tokens, given.cells
         needed = self._reserved()
-        if needed + len(prompt) + 1 > self.n_ctx and any(s.active for s in self.slots):
+        if needed + cells + 1 > self.n_ctx and any(s.active for s in self.slots):
             return None
         # The longest cached prefix in any slot; a few template tokens in common are not
         # worth taking over another conversation's cache, so they count as none.
@@ -269,16 +308,17 @@ class Batcher:
         # Make room in the unified KV cache: drop other idle slots' cached tokens as needed.
         held = sum(len(s.tokens) for s in idle if s is not slot)
         for other in sorted(idle, key=lambda s: s.last_used):
-            if other is slot or (shared and other is source) or needed + held + len(prompt) <= self.n_ctx:
+            if other is slot or (shared and other is source) or needed + held + cells <= self.n_ctx:
                 continue
             held -= len(other.tokens)
             self._forget(other)
         return slot, source, shared
 
     def _start(
-        self, slot: Slot, source: Slot, shared: int, job: Job, future: Future[Completion], prompt: list[int]
+        self, slot: Slot, source: Slot, shared: int, job: Job, future: Future[Completion], given: Prompt
     ) -> None:
-        reuse = min(shared, max(len(prompt) - MIN_PROMPT_EVAL, 0))
+        prompt = given.tokens
+        reuse = given.boundary(min(shared, max(len(prompt) - MIN_PROMPT_EVAL, 0)))
         if source is slot:
             llama_cpp.llama_memory_seq_rm(self.memory, slot.seq, reuse, -1)
         else:
@@ -301,6 +341,7 @@ class Batcher:
             future=future,
             prompt=prompt,
             pending=prompt[reuse:],
+            source=given,
             sampler=self._sampler(job),
             started=time.perf_counter(),
             matcher=matcher,
@@ -310,24 +351,7 @@ class Batcher:
         )
 
     def _sampler(self, job: Job) -> llama_cpp.llama_sampler_p:
-        """A sampler chain in llama-cpp-python's order, so results match its generate()."""
-        s = job.sampling
-        chain: llama_cpp.llama_sampler_p = llama_cpp.llama_sampler_chain_init(
-            llama_cpp.llama_sampler_chain_default_params()
-        )
-        penalties = llama_cpp.llama_sampler_init_penalties(self.n_vocab, 64, s.repeat_penalty, 0.0, 0.0)
-        llama_cpp.llama_sampler_chain_add(chain, penalties)
-        if s.temperature == 0:
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
-        else:
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(s.top_k))
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_typical(1.0, 1))
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(s.top_p, 1))
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_min_p(s.min_p, 1))
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(s.temperature))
-            seed = s.seed if s.seed is not None else random.getrandbits(31)
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed))
-        return chain
+        return sampler_chain(job.sampling, self.n_vocab)
 
     def _fill(self, rows: list[Row]) -> None:
         batch = self.batch
@@ -345,10 +369,14 @@ class Batcher:
     def _eval_prompt(self, slot: Slot) -> None:
         active = slot.active
         assert active is not None
-        chunk = active.pending[: self.n_batch]
+        start = len(slot.tokens)  # the offset in the prompt of the first pending token
+        span = active.source.media.get(start)
+        if span is not None:
+            return self._eval_media(slot, span)
+        room = active.source.until_media(start)
+        chunk = active.pending[: self.n_batch if room is None else min(self.n_batch, room)]
         if 0 < len(active.pending) - len(chunk) < MIN_PROMPT_EVAL < len(chunk):  # never leave a 1-token chunk
             chunk = chunk[:-MIN_PROMPT_EVAL]
-        start = len(slot.tokens)
         last = len(chunk) == len(active.pending)
         self._fill([(tok, start + i, slot.seq, last and i == len(chunk) - 1) for i, tok in enumerate(chunk)])
         self.prompt_tokens_evaluated += len(chunk)
@@ -356,6 +384,23 @@ class Batcher:
         active.pending = active.pending[len(chunk) :]
         if last:
             self._take(slot, len(chunk) - 1)
+
+    def _eval_media(self, slot: Slot, span: Span) -> None:
+        """Evaluate an image or audio clip into the slot's sequence: one step, as a prompt
+        chunk is (the other requests decode their next token after it)."""
+        active = slot.active
+        assert active is not None and self.ctx is not None
+        try:
+            span.evaluate(self.ctx, slot.seq, len(slot.tokens), self.n_batch)
+        except LocalsampleError as exc:  # this request's failure: the others go on
+            llama_cpp.llama_memory_seq_rm(self.memory, slot.seq, len(slot.tokens), -1)
+            return self._finish(slot, error=exc)
+        self.prompt_tokens_evaluated += span.tokens
+        placed = active.prompt[len(slot.tokens) : len(slot.tokens) + span.positions]
+        slot.tokens.extend(placed)
+        active.pending = active.pending[span.positions :]
+        if not active.pending:  # templates always end with text (the assistant's header)
+            self._finish(slot, error=EngineError("the prompt ends with a medium", "end the prompt with text"))
 
     def _decode(self, slots: list[Slot]) -> None:
         rows = []
@@ -452,6 +497,7 @@ class Batcher:
         assert active is not None
         slot.active = None
         slot.last_used = time.monotonic()
+        active.source.close()
         llama_cpp.llama_sampler_free(active.sampler)
         if active.grammar is not None:
             active.grammar.close()
@@ -463,19 +509,7 @@ class Batcher:
             if tail:
                 active.parts.append(tail)
                 active.job.emit(tail, active.count)
-        finished = time.perf_counter()
-        active.future.set_result(
-            Completion(
-                text="".join(active.parts),
-                model=self.model_id,
-                stop_reason=reason,
-                stop_sequence=stop,
-                prompt_tokens=len(active.prompt),
-                completion_tokens=active.count,
-                time_to_first_token=(active.first_token_at or finished) - active.started,
-                duration=finished - active.started,
-            )
-        )
+        active.future.set_result(active.completion(self.model_id, reason, stop))
 
     def close(self) -> None:
         """Free the context (call on the engine's thread, with no loop running)."""

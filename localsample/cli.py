@@ -42,8 +42,9 @@ from localsample.cli_ops import doctor_command, ps_command
 from localsample.cli_run import run_command
 from localsample.client import NO_BACK_CHANNEL, ServerSpec, call_tool, tool_result_text
 from localsample.errors import ServerError
-from localsample.generation import ChatMessage, Completion, GenerationRequest
+from localsample.generation import MEDIA_MARKER, ChatMessage, Completion, GenerationRequest
 from localsample.listen import check_bind
+from localsample.media import medium_from_file
 from localsample.proxy import Proxy
 from localsample.runtime import Origin
 from localsample.sampling import Echo, SamplingHandler
@@ -90,17 +91,22 @@ def sample(
     temperature: Annotated[float | None, typer.Option(min=0.0, max=2.0, help="0 = greedy.")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop sequence (repeatable).")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed, for repeatable sampling.")] = None,
+    image: Annotated[
+        list[Path] | None, typer.Option(help="An image (PNG, JPEG, WebP, GIF) before the prompt (repeatable).")
+    ] = None,
+    audio: Annotated[list[Path] | None, typer.Option(help="A WAV or MP3 clip before the prompt (repeatable).")] = None,
     as_json: JsonOption = False,
     no_daemon: NoDaemonOption = False,
     offline: OfflineOption = False,
 ) -> None:
     """Generate a reply to PROMPT locally, streaming it to stdout (with --json: one JSON object at the end)."""
+    media = tuple(medium_from_file(path) for path in [*(image or ()), *(audio or ())])
     runtime = make_client_runtime("sample", no_daemon, offline=offline)
 
     async def go() -> None:
         try:
             request = GenerationRequest(
-                messages=[ChatMessage("user", prompt)],
+                messages=[ChatMessage("user", MEDIA_MARKER * len(media) + prompt, media=media)],
                 max_tokens=max_tokens,
                 system=system,
                 stop=tuple(stop or ()),

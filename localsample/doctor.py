@@ -13,7 +13,7 @@ from enum import StrEnum
 
 import httpx2
 
-from localsample.catalog import Catalog, ModelEntry, load_catalog, resolve_model_path
+from localsample.catalog import Catalog, ModelEntry, find_source, load_catalog, resolve_model_path
 from localsample.errors import LocalsampleError, ModelFileError
 from localsample.gguf_file import human_size, read_gguf
 from localsample.runtime import unknown_model_names
@@ -80,7 +80,20 @@ def build_checks() -> list[Check]:
             'reinstall with CMAKE_ARGS="-DGGML_CUDA=on" (NVIDIA) or "-DGGML_METAL=on" (Apple) to use a GPU',
         ),
         ok(f"CPU features: {features}"),
+        multimodal_check(),
     ]
+
+
+def multimodal_check() -> Check:
+    """Whether this build has llama.cpp's multimodal library (images and audio)."""
+    from localsample.errors import EngineError
+    from localsample.vision import multimodal_library
+
+    try:
+        multimodal_library()
+    except EngineError as exc:
+        return warning(f"vision and audio: not in this build ({exc.problem})", exc.fix or "reinstall llama-cpp-python")
+    return ok("vision and audio: multimodal library present (models with an mmproj read images/audio)")
 
 
 def settings_checks(settings: Settings, catalog: Catalog) -> list[Check]:
@@ -119,9 +132,42 @@ def model_checks(settings: Settings, catalog: Catalog, gpu: bool) -> list[Check]
                     "rebuild llama-cpp-python with GPU support, or set n_gpu_layers = 0",
                 )
             )
+        checks += projector_checks(settings, model)
         if info.chat_template is None and model.chat_template is None:
             checks.append(error(f"{model.id}: no chat template in the GGUF", "set chat_template in its catalog entry"))
     return checks
+
+
+def projector_checks(settings: Settings, model: ModelEntry) -> list[Check]:
+    """A model's projector: on disk, a projector, reading what the entry's capabilities say."""
+    media = [c for c in ("vision", "audio") if c in model.capabilities]
+    if not model.mmproj:
+        if media:
+            return [error(f"{model.id}: {'/'.join(media)} capability but no mmproj", "set mmproj in its entry")]
+        return []
+    path = find_source(model.mmproj, settings.model_dir)
+    if path is None:
+        return [
+            warning(
+                f"{model.id}: its projector {model.mmproj} is not downloaded", f"localsample models pull {model.id}"
+            )
+        ]
+    try:
+        info = read_gguf(path)
+    except LocalsampleError as exc:
+        return [error(f"{model.id}: projector {exc.problem}", exc.fix)]
+    if not info.is_projector:
+        return [error(f"{model.id}: mmproj {path} is not a projector", "point mmproj at the model's mmproj GGUF")]
+    unread = [c for c in media if c not in info.projector_reads]
+    if unread:
+        return [
+            error(
+                f"{model.id}: capability {'/'.join(unread)}, but its projector reads only "
+                f"{'/'.join(info.projector_reads)}",
+                f"remove {'/'.join(unread)} from the entry's capabilities",
+            )
+        ]
+    return [ok(f"{model.id}: projector {path.name} reads {'/'.join(info.projector_reads)}")]
 
 
 def remote_checks(settings: Settings, model: ModelEntry) -> list[Check]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from localsample.catalog import Catalog, ModelEntry, resolve_model_path
+from localsample.catalog import Catalog, ModelEntry, resolve_model_path, with_projector_path
 from localsample.errors import BusyError, ModelFileError
 from localsample.generation import Generator
 from localsample.settings import Settings
@@ -106,7 +106,8 @@ class Pool:
                     found = Resident(model, RemoteGenerator(model, self.settings))
                 else:
                     path = resolve_model_path(model, self.model_dir)
-                    found = Resident(model, self.factory(model, path, self.settings.parallel))
+                    engine_model = with_projector_path(model, self.model_dir)
+                    found = Resident(model, self.factory(engine_model, path, self.settings.parallel))
                 self._residents[model.id] = found
             return found
 

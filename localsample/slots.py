@@ -3,19 +3,69 @@
 from __future__ import annotations
 
 import codecs
-from collections.abc import Callable
+import random
+import time
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import llama_cpp
 
 from localsample.constrained import GrammarSampler
-from localsample.generation import Completion, GenerationRequest, Job, StopMatcher
+from localsample.generation import Completion, GenerationRequest, Job, SamplerSettings, StopMatcher, StopReason
 
 Row = tuple[int, int, int, bool]  # token, position, sequence, wants logits
-Tokenize = Callable[[GenerationRequest], list[int]]
-"""The prompt tokens of a request (its chat template applied): runs on the engine's thread."""
+
+
+class Span(Protocol):
+    """An image or audio clip in a prompt (vision.py's ``MediaSpan``)."""
+
+    positions: int
+    """Positions it takes in the sequence (placeholder ids in ``Prompt.tokens``)."""
+    tokens: int
+    """Embeddings it decodes: the KV cells it takes."""
+
+    def evaluate(self, ctx: llama_cpp.llama_context_p, seq: int, n_past: int, n_batch: int) -> None: ...
+
+
+@dataclass
+class Prompt:
+    """A request's prompt for the batcher: token ids, where a medium's positions hold
+    placeholder ids (negative: no real token is), and the media by the offset they start at.
+    ``close`` frees what llama.cpp holds for the media (once the request is done)."""
+
+    tokens: list[int]
+    media: Mapping[int, Span] = field(default_factory=dict)
+    cells: int = -1
+    """KV cells the prompt takes (``len(tokens)`` when no medium says otherwise)."""
+    closer: Callable[[], None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.cells < 0:
+            self.cells = len(self.tokens)
+
+    def boundary(self, reuse: int) -> int:
+        """``reuse`` cached tokens, moved back to the start of a medium it would cut."""
+        for start, span in self.media.items():
+            if start < reuse < start + span.positions:
+                return start
+        return reuse
+
+    def until_media(self, offset: int) -> int | None:
+        """How many tokens from ``offset`` to the next medium (None: no medium follows; the
+        pending tokens may also be ones a tool-call trigger cut back, past the prompt)."""
+        starts = [start for start in self.media if start >= offset]
+        return min(starts) - offset if starts else None
+
+    def close(self) -> None:
+        closer, self.closer = self.closer, None
+        if closer is not None:
+            closer()
+
+
+Tokenize = Callable[[GenerationRequest], Prompt]
+"""The prompt of a request (its chat template applied): runs on the engine's thread."""
 Piece = Callable[[int], bytes]
 """The bytes of one token's text."""
 Encode = Callable[[str], list[int]]
@@ -77,6 +127,7 @@ class Active:
     future: Future[Completion]
     prompt: list[int]
     pending: list[int]  # prompt tokens still to evaluate
+    source: Prompt  # the prompt's media and KV cells
     sampler: llama_cpp.llama_sampler_p
     started: float
     matcher: StopMatcher
@@ -93,6 +144,20 @@ class Active:
     text: str = ""  # all text decoded so far (kept while a trigger is watched)
     marks: list[tuple[int, int]] = field(default_factory=list)  # (position, offset in text) per token
 
+    def completion(self, model_id: str, reason: StopReason, stop: str | None) -> Completion:
+        """The finished request: its text, counts (media tokens in the prompt's) and timings."""
+        finished = time.perf_counter()
+        return Completion(
+            text="".join(self.parts),
+            model=model_id,
+            stop_reason=reason,
+            stop_sequence=stop,
+            prompt_tokens=self.source.cells,
+            completion_tokens=self.count,
+            time_to_first_token=(self.first_token_at or finished) - self.started,
+            duration=finished - self.started,
+        )
+
 
 @dataclass
 class Slot:
@@ -100,3 +165,23 @@ class Slot:
     tokens: list[int] = field(default_factory=list)  # what this sequence's KV cache holds
     active: Active | None = None
     last_used: float = 0.0
+
+
+def sampler_chain(s: SamplerSettings, n_vocab: int) -> llama_cpp.llama_sampler_p:
+    """A request's sampler chain in llama-cpp-python's order, so results match its generate()."""
+    chain: llama_cpp.llama_sampler_p = llama_cpp.llama_sampler_chain_init(
+        llama_cpp.llama_sampler_chain_default_params()
+    )
+    penalties = llama_cpp.llama_sampler_init_penalties(n_vocab, 64, s.repeat_penalty, 0.0, 0.0)
+    llama_cpp.llama_sampler_chain_add(chain, penalties)
+    if s.temperature == 0:
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+    else:
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(s.top_k))
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_typical(1.0, 1))
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(s.top_p, 1))
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_min_p(s.min_p, 1))
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(s.temperature))
+        seed = s.seed if s.seed is not None else random.getrandbits(31)
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed))
+    return chain

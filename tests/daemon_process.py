@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,3 +103,15 @@ def end(running: Running) -> None:
         except subprocess.TimeoutExpired:
             running.process.kill()
             running.process.wait()
+
+
+@contextmanager
+def daemon_in(root: Path, listen: bool = True, *extra: str) -> Iterator[Running]:
+    """A daemon in ``root`` (see ``start_daemon``) for the block; then it is ended and
+    ``root`` removed."""
+    running = start_daemon(root, listen, *extra)
+    try:
+        yield running
+    finally:
+        end(running)
+        shutil.rmtree(root, ignore_errors=True)

@@ -34,7 +34,7 @@ from localsample.policy import Decision, Pending, edited
 from localsample.runtime import Origin, Runtime
 from localsample.settings import Settings, load_settings
 
-from .daemon_process import Running, daemon_env, end, start_daemon
+from .daemon_process import Running, daemon_env, daemon_in, end, start_daemon
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 SMOL = "smollm2-135m-instruct"
@@ -64,13 +64,8 @@ def new_root() -> Path:
 
 @pytest.fixture(scope="module")
 def daemon(model_dir: Path) -> Iterator[Running]:
-    root = new_root()
-    running = start_daemon(root, False)
-    try:
+    with daemon_in(new_root(), False) as running:
         yield running
-    finally:
-        end(running)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def settings_of(root: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:

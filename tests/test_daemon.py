@@ -22,7 +22,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from .daemon_process import TOKEN, Running, end, start_daemon
+from .daemon_process import TOKEN, Running, daemon_in, end, start_daemon
 
 pytestmark = pytest.mark.slow
 SMOL = "smollm2-135m-instruct"
@@ -31,13 +31,8 @@ STORY: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me 
 
 @pytest.fixture(scope="module")
 def daemon(model_dir: Path) -> Iterator[Running]:
-    root = Path(tempfile.mkdtemp(prefix="lsd-"))
-    running = start_daemon(root)
-    try:
+    with daemon_in(Path(tempfile.mkdtemp(prefix="lsd-"))) as running:
         yield running
-    finally:
-        end(running)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 # -- answers ----------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ Runs in its own virtualenv (FastMCP 3 needs mcp 1.x; scripts/test.sh creates it)
 - `weather_step(city)`: `ctx.sample_step(..., tools=[get_weather], tool_choice="required")`
   (FastMCP runs the call), then a step with toolChoice "none" over that history.
 - `summarize(text)`: plain `ctx.sample` (no tools), for comparison.
+- `describe_photo(image)`: `ctx.sample` with an image content block (base64 PNG).
 
 Each call to `get_weather` is also appended, as a JSON line, to the file named by the
 environment variable FASTMCP_TOOL_LOG when it is set.
@@ -125,6 +126,19 @@ async def tag_post(text: str, ctx: Context, max_tokens: int = 256) -> dict[str, 
 async def summarize(text: str, ctx: Context, max_tokens: int = 64) -> dict[str, Any]:
     """Ask the client's model for a one-sentence summary (plain sampling, no tools)."""
     result = await ctx.sample(f"Summarize in one sentence:\n\n{text}", max_tokens=max_tokens)
+    return {"text": result.text}
+
+
+@server.tool
+async def describe_photo(
+    image: str, ctx: Context, mime_type: str = "image/png", max_tokens: int = 16
+) -> dict[str, Any]:
+    """Ask the client's model to describe a product photo (``image``: base64): an image
+    content block in a user message, then the question."""
+    from mcp.types import ImageContent, SamplingMessage
+
+    photo = SamplingMessage(role="user", content=ImageContent(type="image", data=image, mimeType=mime_type))
+    result = await ctx.sample([photo, "Describe this product photo in one sentence."], max_tokens=max_tokens)
     return {"text": result.text}
 
 
