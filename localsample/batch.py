@@ -176,7 +176,7 @@ class Batcher:
 
     def _forget(self, slot: Slot) -> None:
         llama_cpp.llama_memory_seq_rm(self.memory, slot.seq, -1, -1)
-        slot.tokens = []
+        slot.tokens, slot.extra_cells = [], 0
 
     def _loop(self) -> None:
         try:
@@ -306,11 +306,11 @@ class Batcher:
         # Its own slot if idle, else a slot with nothing cached, else the least recently used.
         slot = source if shared and source.active is None else min(idle, key=lambda s: (bool(s.tokens), s.last_used))
         # Make room in the unified KV cache: drop other idle slots' cached tokens as needed.
-        held = sum(len(s.tokens) for s in idle if s is not slot)
+        held = sum(s.cells for s in idle if s is not slot)
         for other in sorted(idle, key=lambda s: s.last_used):
             if other is slot or (shared and other is source) or needed + held + cells <= self.n_ctx:
                 continue
-            held -= len(other.tokens)
+            held -= other.cells
             self._forget(other)
         return slot, source, shared
 
@@ -326,6 +326,7 @@ class Batcher:
             if reuse:  # tag the source's cells for this sequence too: no copy, no compute
                 llama_cpp.llama_memory_seq_cp(self.memory, source.seq, slot.seq, 0, reuse)
         slot.tokens = prompt[:reuse]
+        slot.extra_cells = given.extra_cells(reuse)
         constraint = job.constraint
         trigger = constraint.trigger if constraint is not None else None
         if constraint is None:
@@ -398,6 +399,7 @@ class Batcher:
         self.prompt_tokens_evaluated += span.tokens
         placed = active.prompt[len(slot.tokens) : len(slot.tokens) + span.positions]
         slot.tokens.extend(placed)
+        slot.extra_cells += span.tokens - span.positions
         active.pending = active.pending[span.positions :]
         if not active.pending:  # templates always end with text (the assistant's header)
             self._finish(slot, error=EngineError("the prompt ends with a medium", "end the prompt with text"))

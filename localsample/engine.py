@@ -343,6 +343,7 @@ class Engine:
                 model_id=self.model.id,
                 threads=load.context_kwargs()["n_threads_batch"],
                 gpu=load.n_gpu_layers != 0,
+                n_ubatch=load.context_kwargs()["n_ubatch"],
             )
         return self._projector
 

@@ -65,11 +65,18 @@ def image_of(data: str, mime_type: str, where: str) -> Media:
     try:
         with Image.open(io.BytesIO(raw)) as image:
             found, (width, height) = image.format, image.size
+    except Image.DecompressionBombError as exc:  # a header claiming billions of pixels
+        raise RequestError(
+            f"{where}.data declares an image too large to read ({exc})",
+            "send a smaller image (max_image_pixels in the settings sets the limit)",
+        ) from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise RequestError(
             f"{where}.data is not a readable image ({len(raw)} bytes declared {mime}: {exc})",
             "send the image file's bytes, base64-encoded",
         ) from None
+    if found == "MPO" and expected == "JPEG":  # a camera's JPEG with extra pictures: its first is a JPEG
+        found = "JPEG"
     if found != expected:
         raise RequestError(
             f"{where} declares {mime} but its bytes are {found or 'of no known format'}",
@@ -157,7 +164,7 @@ def rgb_pixels(medium: Media) -> tuple[int, int, bytes]:
             image.seek(0)
             rgb = image.convert("RGB")
             return rgb.width, rgb.height, rgb.tobytes()
-    except (OSError, ValueError) as exc:  # a truncated or corrupt file passes the header check
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # a corrupt file passes the header check
         raise RequestError(
             f"an image could not be decoded ({medium.describe()}): {exc}", "send the whole file"
         ) from None

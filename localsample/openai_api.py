@@ -64,11 +64,11 @@ from localsample.errors import (
     UnknownModelError,
 )
 from localsample.generation import GenerationRequest
+from localsample.openai_content import InvalidField
 from localsample.openai_map import (
     DEFAULT_MAX_TOKENS,
     ChatRequest,
     Chunks,
-    InvalidField,
     chat_completion,
     parse_chat,
     to_generation_request,

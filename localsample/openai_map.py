@@ -24,8 +24,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from openai.types import CompletionUsage
@@ -37,18 +36,8 @@ from openai.types.chat.chat_completion_chunk import ChoiceDelta, ChoiceDeltaTool
 from openai.types.chat.chat_completion_message_function_tool_call import Function
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from localsample.errors import RequestError
-from localsample.generation import (
-    MEDIA_MARKER,
-    ChatMessage,
-    Completion,
-    GenerationRequest,
-    Media,
-    ToolCall,
-    ToolChoice,
-    ToolSpec,
-)
-from localsample.media import audio_of, from_data_uri
+from localsample.generation import ChatMessage, Completion, GenerationRequest, ToolCall, ToolChoice, ToolSpec
+from localsample.openai_content import InvalidField, field, text_of, user_content
 from localsample.sampling_map import MAX_TOOLS, check_sampling_ranges, response_schema_of, stop_sequences
 
 FinishReason = Literal["stop", "length", "tool_calls"]
@@ -61,14 +50,6 @@ FINISH_REASONS: dict[str, FinishReason] = {
 DEFAULT_MAX_TOKENS = 1024
 """maxTokens of a request that sends neither max_tokens nor max_completion_tokens (unless the
 client's settings cap it lower: servers.NAME.max_tokens)."""
-
-
-class InvalidField(RequestError):
-    """A request refused because of one field: ``param`` names it (None: the whole body)."""
-
-    def __init__(self, param: str | None, problem: str, fix: str | None = None) -> None:
-        self.param = param
-        super().__init__(problem, fix)
 
 
 # -- the request --------------------------------------------------------------------------
@@ -184,17 +165,6 @@ def invalid(exc: ValidationError) -> InvalidField:
     messages = list(dict.fromkeys(e["msg"].lower() for e in errors if param_of(e["loc"]) == param))
     got = "" if first["type"] == "missing" else f" (got {json.dumps(first['input'])[:80]})"
     return InvalidField(param, f"{param}: {' or '.join(messages)}{got}", f"send {param} as the OpenAI API defines it")
-
-
-@contextmanager
-def field(param: str) -> Iterator[None]:
-    """A RequestError raised inside (by the MCP path's checks) becomes an InvalidField."""
-    try:
-        yield
-    except InvalidField:
-        raise
-    except RequestError as exc:
-        raise InvalidField(param, exc.problem, exc.fix) from None
 
 
 def to_generation_request(chat: ChatRequest, *, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> GenerationRequest:
@@ -324,57 +294,6 @@ def tool_turn(message: MessageIn, pending: list[str], where: str) -> ChatMessage
         )
     pending.remove(message.tool_call_id)
     return ChatMessage("tool", text_of(message.content, where), tool_call_id=message.tool_call_id)
-
-
-def user_content(content: str | list[dict[str, Any]] | None, where: str) -> tuple[str, tuple[Media, ...]]:
-    """A user message's text and its images (``image_url`` parts with data: URIs) and audio
-    (``input_audio`` parts), each at a media marker in the text."""
-    if not isinstance(content, list) or not any(p.get("type") in ("image_url", "input_audio") for p in content):
-        return text_of(content, where), ()
-    texts: list[str] = []
-    media: list[Media] = []
-    for index, part in enumerate(content):
-        at = f"{where}.content[{index}]"
-        kind = part.get("type")
-        with field(at):
-            if kind == "image_url":
-                image = part.get("image_url")
-                url = image.get("url") if isinstance(image, dict) else None
-                if not isinstance(url, str):
-                    raise InvalidField(at, f"{at}.image_url.url must be a string", "send {'url': 'data:...'}")
-                media.append(from_data_uri(url, f"{at}.image_url"))
-            elif kind == "input_audio":
-                audio = part.get("input_audio")
-                data, fmt = (audio.get("data"), audio.get("format")) if isinstance(audio, dict) else (None, None)
-                if not isinstance(data, str) or fmt not in ("wav", "mp3"):
-                    raise InvalidField(at, f"{at}.input_audio needs data (base64) and format wav or mp3", "send both")
-                media.append(audio_of(data, "audio/mpeg" if fmt == "mp3" else "audio/wav", f"{at}.input_audio"))
-            else:
-                texts.append(text_of([part], where))
-                continue
-        texts.append(MEDIA_MARKER)
-    with field(where):
-        if "".join(texts).count(MEDIA_MARKER) != len(media):
-            raise RequestError(f"{where}: its text holds {MEDIA_MARKER}", f"leave the text {MEDIA_MARKER} out")
-    return "".join(texts), tuple(media)
-
-
-def text_of(content: str | list[dict[str, Any]] | None, where: str) -> str:
-    """A message's text: a string, or its text parts joined (refusal parts are left out)."""
-    if content is None or isinstance(content, str):
-        return content or ""
-    texts: list[str] = []
-    for index, part in enumerate(content):
-        kind, text = part.get("type"), part.get("text")
-        if kind == "text" and isinstance(text, str):
-            texts.append(text)
-        elif kind != "refusal":
-            raise InvalidField(
-                f"{where}.content[{index}]",
-                f"{where}.content[{index}] has {kind!r} content, which localsample does not read here",
-                'send text parts: {"type": "text", "text": "..."} (images and audio: in user messages)',
-            )
-    return "".join(texts)
 
 
 def tool_calls_of(

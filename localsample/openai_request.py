@@ -9,11 +9,11 @@ request: sampler values OpenAI has no field for (``top_k``, ``min_p``,
 
 from __future__ import annotations
 
-import base64
 import json
 from typing import Any
 
-from localsample.generation import MEDIA_MARKER, ChatMessage, GenerationRequest, Media, ToolCall
+from localsample.generation import ChatMessage, GenerationRequest, ToolCall
+from localsample.openai_content import content_body
 
 __all__ = ["chat_body", "message_body", "tool_call_body"]
 
@@ -21,27 +21,6 @@ __all__ = ["chat_body", "message_body", "tool_call_body"]
 def tool_call_body(call: ToolCall) -> dict[str, Any]:
     arguments = json.dumps(dict(call.arguments), ensure_ascii=False)
     return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": arguments}}
-
-
-def media_part(medium: Media) -> dict[str, Any]:
-    """An image as an ``image_url`` part (a data: URI), an audio clip as ``input_audio``."""
-    data = base64.b64encode(medium.data).decode("ascii")
-    if medium.kind == "image":
-        return {"type": "image_url", "image_url": {"url": f"data:{medium.mime_type};base64,{data}"}}
-    return {"type": "input_audio", "input_audio": {"data": data, "format": medium.mime_type.split("/")[-1]}}
-
-
-def content_body(message: ChatMessage) -> str | list[dict[str, Any]]:
-    """The turn's content: its text, or text and media parts in the order they were sent."""
-    if not message.media:
-        return message.content
-    pieces = message.content.split(MEDIA_MARKER)
-    parts: list[dict[str, Any]] = [{"type": "text", "text": pieces[0]}] if pieces[0] else []
-    for medium, text in zip(message.media, pieces[1:], strict=True):
-        parts.append(media_part(medium))
-        if text:
-            parts.append({"type": "text", "text": text})
-    return parts
 
 
 def message_body(message: ChatMessage) -> dict[str, Any]:

@@ -58,6 +58,10 @@ class Prompt:
         starts = [start for start in self.media if start >= offset]
         return min(starts) - offset if starts else None
 
+    def extra_cells(self, upto: int) -> int:
+        """KV cells beyond one a position that the media before offset ``upto`` take."""
+        return sum(s.tokens - s.positions for start, s in self.media.items() if start + s.positions <= upto)
+
     def close(self) -> None:
         closer, self.closer = self.closer, None
         if closer is not None:
@@ -165,6 +169,12 @@ class Slot:
     tokens: list[int] = field(default_factory=list)  # what this sequence's KV cache holds
     active: Active | None = None
     last_used: float = 0.0
+    extra_cells: int = 0  # cells its media take beyond their positions (M-RoPE images)
+
+    @property
+    def cells(self) -> int:
+        """KV cells the sequence holds."""
+        return len(self.tokens) + self.extra_cells
 
 
 def sampler_chain(s: SamplerSettings, n_vocab: int) -> llama_cpp.llama_sampler_p:

@@ -20,6 +20,7 @@ says whether it is); it is imported only when a request carries media.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import logging
 import threading
 import time
@@ -56,27 +57,32 @@ def multimodal_library() -> Any:
     return mtmd_cpp
 
 
-def placeholder_base(digest: str) -> int:
-    """The first placeholder id of a medium: negative (no real token is), and distinct for
-    distinct digests (56 bits of the hash, room for 2**20 positions each)."""
-    return -((int(digest[:14], 16) << 20) + 1)
+def placeholder_base(key: str) -> int:
+    """The first placeholder id of a medium's chunk: negative (no real token is), and
+    distinct for distinct keys (56 bits of a hash, room for 2**20 positions each)."""
+    return -((int(hashlib.sha256(key.encode()).hexdigest()[:14], 16) << 20) + 1)
 
 
 class MediaSpan:
-    """One image or audio clip of a prompt: the positions it takes, and how to put it into
-    a sequence of the context."""
+    """One chunk of an image or audio clip in a prompt (most media are one chunk; tiled
+    images and audio over 30 s are several): the positions it takes, and how to put it into
+    a sequence of the context. ``key`` (the medium's digest and the chunk's index in it)
+    names its embeddings in the cache and its placeholder ids."""
 
-    def __init__(self, projector: Projector, chunk: Any, medium: Media) -> None:
+    def __init__(self, projector: Projector, chunk: Any, medium: Media, part: int) -> None:
         mtmd = projector.mtmd
         self.projector = projector
         self.chunk = chunk
         self.medium = medium
+        self.key = f"{medium.digest}:{part}"
         self.positions = int(mtmd.mtmd_input_chunk_get_n_pos(chunk))
         self.tokens = int(mtmd.mtmd_input_chunk_get_n_tokens(chunk))
         """Embeddings it decodes (KV cells it takes); more than ``positions`` with M-RoPE."""
+        self.non_causal = bool(mtmd.mtmd_decode_use_non_causal(projector.ctx, chunk))
+        """Decoded with non-causal attention (Gemma 3): then in one micro-batch."""
 
     def placeholders(self) -> list[int]:
-        base = placeholder_base(self.medium.digest)
+        base = placeholder_base(self.key)
         return [base - i for i in range(self.positions)]
 
     def evaluate(self, ctx: llama_cpp.llama_context_p, seq: int, n_past: int, n_batch: int) -> None:
@@ -99,7 +105,9 @@ class Projector:
     """An mmproj loaded beside its text model (on the engine's thread, when the first
     request with media comes)."""
 
-    def __init__(self, path: Path, model: llama_cpp.llama_model_p, *, model_id: str, threads: int, gpu: bool) -> None:
+    def __init__(
+        self, path: Path, model: llama_cpp.llama_model_p, *, model_id: str, threads: int, gpu: bool, n_ubatch: int
+    ) -> None:
         mtmd = multimodal_library()
         if not path.is_file():
             raise ModelFileError(
@@ -119,7 +127,7 @@ class Projector:
                 f"llama.cpp could not load the projector {path} of model '{model_id}' (see the log above)",
                 "check that this mmproj belongs to the model (same family and size), or download it again",
             )
-        self.mtmd, self.ctx, self.path, self.model_id = mtmd, ctx, path, model_id
+        self.mtmd, self.ctx, self.path, self.model_id, self.n_ubatch = mtmd, ctx, path, model_id, n_ubatch
         self.vision = bool(mtmd.mtmd_support_vision(ctx))
         self.audio = bool(mtmd.mtmd_support_audio(ctx))
         self.n_embd = int(llama_cpp.llama_model_n_embd_inp(model))
@@ -151,13 +159,17 @@ class Projector:
         Prompt: text tokens, and a placeholder run per medium. Runs on the engine's thread."""
         self.check(media)
         mtmd = self.mtmd
-        bitmaps = [self.bitmap(m) for m in media]
+        bitmaps: list[Any] = []
         chunks = mtmd.mtmd_input_chunks_init()
         try:
+            bitmaps += (self.bitmap(m) for m in media)
             encoded = text.encode("utf-8")
             source = mtmd.mtmd_input_text(encoded, len(encoded), False, True)  # no BOS added, specials parsed
             array = (mtmd.mtmd_bitmap_p_ctypes * max(len(bitmaps), 1))(*bitmaps)
             status = mtmd.mtmd_tokenize(self.ctx, chunks, ctypes.byref(source), array, len(bitmaps))
+        except BaseException:
+            mtmd.mtmd_input_chunks_free(chunks)
+            raise
         finally:
             for bitmap in bitmaps:
                 mtmd.mtmd_bitmap_free(bitmap)  # the chunks hold the preprocessed media
@@ -168,14 +180,20 @@ class Projector:
                 f"llama.cpp could not read the request's media for '{self.model_id}': {what}",
                 "send PNG, JPEG, WebP or GIF images and WAV or MP3 audio",
             )
-        return self.prompt(chunks, media)
+        try:
+            return self.prompt(chunks, media)
+        except BaseException:
+            mtmd.mtmd_input_chunks_free(chunks)
+            raise
 
     def prompt(self, chunks: Any, media: list[Media]) -> Prompt:
+        """The Prompt of tokenized ``chunks``. A medium may be several chunks (the tiles of
+        an image, the 30 s windows of a clip): each media chunk belongs to the medium whose
+        digest it carries as its id, the current one or the next."""
         mtmd = self.mtmd
         tokens: list[int] = []
         spans: dict[int, MediaSpan] = {}
-        cells = 0
-        pending = iter(media)
+        cells, current, part = 0, -1, 0
         for index in range(mtmd.mtmd_input_chunks_size(chunks)):
             chunk = mtmd.mtmd_input_chunks_get(chunks, index)
             if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
@@ -184,7 +202,22 @@ class Projector:
                 tokens += ids[: count.value]
                 cells += count.value
                 continue
-            span = MediaSpan(self, chunk, next(pending))
+            found = (mtmd.mtmd_input_chunk_get_id(chunk) or b"").decode()
+            if current < 0 or found != media[current].digest:
+                current, part = current + 1, 0
+            if current >= len(media) or found != media[current].digest:
+                raise EngineError(
+                    f"llama.cpp's multimodal library made a media chunk localsample cannot place ({found[:12]})",
+                    "report this with the model and projector names",
+                )
+            span = MediaSpan(self, chunk, media[current], part)
+            if span.non_causal and span.tokens > self.n_ubatch:
+                raise RequestError(
+                    f"model '{self.model_id}': an image of {span.tokens} tokens must be decoded in one micro-batch "
+                    f"(non-causal attention), but n_ubatch is {self.n_ubatch}",
+                    f"raise n_ubatch (and n_batch) in [models.load] to at least {span.tokens}",
+                )
+            part += 1
             spans[len(tokens)] = span
             tokens += span.placeholders()
             cells += span.tokens
@@ -208,12 +241,12 @@ class Projector:
         return bitmap
 
     def embeddings(self, span: MediaSpan) -> np.ndarray[Any, np.dtype[np.float32]]:
-        """The medium's embeddings: from the cache, or encoded now (and cached)."""
-        digest = span.medium.digest
+        """The chunk's embeddings: from the cache, or encoded now (and cached)."""
+        key, size = span.key, span.tokens * self.n_embd
         with self.lock:
-            found = self.cache.get(digest)
-            if found is not None:
-                self.cache.move_to_end(digest)
+            found = self.cache.get(key)
+            if found is not None and found.size == size:
+                self.cache.move_to_end(key)
                 self.stats.reused += 1
                 return found
         started = time.perf_counter()
@@ -222,13 +255,14 @@ class Projector:
                 f"llama.cpp could not encode a {span.medium.kind} ({span.medium.describe()}) for '{self.model_id}'",
                 "retry; if it keeps failing, check that the mmproj belongs to the model",
             )
-        size = span.tokens * self.n_embd
         output = self.mtmd.mtmd_get_output_embd(self.ctx)
         embd = np.ctypeslib.as_array(output, shape=(size,)).copy()
         with self.lock:
             self.stats.encoded += 1
             self.stats.encode_seconds += time.perf_counter() - started
-            self.cache[digest] = embd
+            replaced = self.cache.pop(key, None)
+            self.cache_bytes -= replaced.nbytes if replaced is not None else 0
+            self.cache[key] = embd
             self.cache_bytes += embd.nbytes
             while self.cache_bytes > EMBEDDING_CACHE_BYTES and len(self.cache) > 1:
                 _, dropped = self.cache.popitem(last=False)
@@ -245,7 +279,7 @@ class Projector:
             embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
             n_past,
             seq,
-            n_batch,
+            min(n_batch, self.n_ubatch) if span.non_causal else n_batch,
             ctypes.byref(end),
             self.mtmd.mtmd_helper_post_decode_callback(),  # none (the bindings want a NULL function pointer)
             None,

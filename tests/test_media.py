@@ -4,7 +4,10 @@ catalog entries marked from their projector. Generation with media is in test_vi
 
 from __future__ import annotations
 
+import io
 import json
+import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +109,33 @@ def test_limits_give_the_numbers_and_the_setting() -> None:
         check_limits([medium], max_bytes=10**9, max_pixels=4999)
     with pytest.raises(RequestError, match=r"has [\d,]+ bytes; at most 10 are accepted \(max_media_bytes\)"):
         check_limits([medium], max_bytes=10, max_pixels=10**9)
+
+
+def png_header(width: int, height: int) -> bytes:
+    """The first bytes of a PNG that claims ``width`` x ``height`` (no pixel data)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
+
+
+def test_a_header_claiming_a_huge_image_is_refused_not_read() -> None:
+    with pytest.raises(RequestError, match="declares an image too large to read") as refused:
+        image_of(b64(png_header(20000, 20000)), "image/png", "m")
+    assert "max_image_pixels" in str(refused.value)
+    claimed = image_of(b64(png_header(8000, 5000)), "image/png", "m")  # read from its header only
+    with pytest.raises(RequestError, match="8000x5000 = 40,000,000 pixels"):
+        check_limits([claimed], max_bytes=10**9, max_pixels=33_554_432)
+
+
+def test_a_camera_jpeg_with_extra_pictures_is_a_jpeg() -> None:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (30, 20), (1, 2, 3)).save(out, "MPO", save_all=True, append_images=[Image.new("RGB", (30, 20))])
+    assert image_of(b64(out.getvalue()), "image/jpeg", "m").width == 30
 
 
 def test_data_uris_only() -> None:
@@ -216,10 +246,17 @@ def test_media_cross_the_openai_wire_unchanged() -> None:
     back = to_generation_request(parse_chat(json.dumps(body).encode()))
     assert back.messages == request.messages
     assert [m.digest for m in back.media] == [m.digest for m in request.media]
-    clip = audio_of(b64(wav_bytes()), "audio/wav", "a")
-    audio = GenerationRequest([ChatMessage("user", MEDIA_MARKER, media=(clip,))], max_tokens=3)
-    again = to_generation_request(parse_chat(json.dumps(chat_body(audio, "m")).encode()))
-    assert again.media == [clip]
+    wav = audio_of(b64(wav_bytes()), "audio/wav", "a")
+    mp3 = audio_of(b64(b"ID3\x04\x00" + b"\x00" * 64), "audio/mpeg", "a")
+    audio = GenerationRequest([ChatMessage("user", MEDIA_MARKER * 2, media=(wav, mp3))], max_tokens=3)
+    body = chat_body(audio, "m")
+    assert [p["input_audio"]["format"] for p in body["messages"][0]["content"]] == ["wav", "mp3"]  # OpenAI's names
+    again = to_generation_request(parse_chat(json.dumps(body).encode()))
+    assert again.media == [wav, mp3]
+    bad = json.loads(json.dumps(body))
+    bad["messages"][0]["content"].append({"type": "video", "video": {}})
+    with pytest.raises(RequestError, match=r"messages\[0\]\.content\[2\] has 'video' content"):
+        to_generation_request(parse_chat(json.dumps(bad).encode()))
 
 
 def test_a_message_whose_marker_count_differs_from_its_media_is_refused() -> None:

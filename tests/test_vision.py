@@ -32,6 +32,7 @@ from localsample.media import audio_of, image_of
 from localsample.runtime import Runtime
 from localsample.sampling import SamplingHandler
 from localsample.settings import load_settings
+from localsample.vision import Projector
 
 from .conftest import small_entry
 from .daemon_process import Running, daemon_in
@@ -163,6 +164,66 @@ async def test_cancelling_an_image_request_frees_its_slot(seeing: Engine) -> Non
     assert seeing.batcher is not None and seeing.batcher.running == 0
     after = await seeing.generate(ask(RED, tokens=4))
     assert after.completion_tokens == 4
+
+
+async def test_a_prompt_s_media_are_freed_once_however_its_request_ends(
+    model_dir: Path, projectors: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """llama.cpp's chunks of a prompt are freed once: answered, or cancelled while it waits
+    at the head of the queue (its prompt already made), or failing at admission."""
+    freed: list[int] = []
+    made = Projector.prompt
+
+    def counted(self: Projector, chunks: Any, media: list[Media]) -> Any:
+        prompt = made(self, chunks, media)
+        closer = prompt.closer
+        assert closer is not None
+
+        def close() -> None:
+            freed.append(id(prompt))
+            closer()
+
+        prompt.closer = close
+        return prompt
+
+    monkeypatch.setattr(Projector, "prompt", counted)
+    entry = vision_entry(projectors["vision"])
+    engine = Engine(entry, model_dir / entry.source, slots=1)
+    try:
+        await engine.generate(ask(RED, tokens=2))
+        assert len(freed) == 1
+        started = anyio.Event()
+
+        async def on_text(_text: str, _tokens: int) -> None:
+            started.set()
+
+        text = GenerationRequest([ChatMessage("user", "Tell a long story.")], max_tokens=60, temperature=0.0)
+        async with anyio.create_task_group() as group:
+            group.start_soon(engine.generate, text, on_text)
+            await started.wait()
+            with anyio.move_on_after(0.5):  # waits at the head: the only slot is busy
+                await engine.generate(ask(BLUE, tokens=2))
+        assert len(freed) == 2 and len(set(freed)) == 2
+        overflowing = ask(RED, tokens=entry.load.n_ctx)  # its prompt is made, then refused
+        with pytest.raises(RequestError, match="n_ctx"):
+            await engine.generate(overflowing)
+        assert len(freed) == 3
+    finally:
+        engine.close()
+
+
+async def test_audio_over_30_seconds_is_several_chunks_of_one_clip(
+    model_dir: Path, projectors: dict[str, Path]
+) -> None:
+    entry = vision_entry(projectors["audio"], ("chat", "audio"))
+    engine = Engine(entry, model_dir / entry.source)
+    try:
+        short = await engine.generate(ask(audio_of(b64(wav_bytes(5.0)), "audio/wav", "short"), tokens=3))
+        long = await engine.generate(ask(audio_of(b64(wav_bytes(45.0)), "audio/wav", "long"), tokens=3))
+        assert long.prompt_tokens - short.prompt_tokens == audio_tokens()  # two windows of 30 s
+        assert stats(engine) == (3, 0, 3 * audio_tokens())
+    finally:
+        engine.close()
 
 
 # -- errors -------------------------------------------------------------------------------
