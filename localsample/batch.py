@@ -108,24 +108,10 @@ class Batcher:
         self.encode = encode
         self.n_ctx = settings.n_ctx
         self.n_batch = max(settings.n_batch, slots)  # a step holds a row for every slot
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = self.n_ctx
-        params.n_batch = self.n_batch
-        params.n_ubatch = settings.n_ubatch
-        params.n_seq_max = slots
-        params.n_threads = settings.n_threads
-        params.n_threads_batch = settings.n_threads_batch
-        params.kv_unified = True
-        params.offload_kqv = settings.offload_kqv
-        if settings.type_k is not None:
-            params.type_k = settings.type_k
-        if settings.type_v is not None:
-            params.type_v = settings.type_v
         self.flash_attn_type = settings.flash_attn_type
         self.n_threads_batch = settings.n_threads_batch
         self.governor = ThreadGovernor(settings.n_threads) if settings.adaptive_threads else None
-        params.flash_attn_type = self.flash_attn_type
-        ctx = llama_cpp.llama_init_from_model(model, params)
+        ctx = llama_cpp.llama_init_from_model(model, settings.context_params(self.n_batch, slots))
         if not ctx:
             raise EngineError(f"llama.cpp could not create a context for '{model_id}'", "lower n_ctx in the catalog")
         self.ctx: llama_cpp.llama_context_p | None = ctx
@@ -343,16 +329,13 @@ class Batcher:
             prompt=prompt,
             pending=prompt[reuse:],
             source=given,
-            sampler=self._sampler(job),
+            sampler=sampler_chain(job.sampling, self.n_vocab),
             started=time.perf_counter(),
             matcher=matcher,
             piece=self.piece if constraint is None else self.special_piece,
             grammar=grammar,
             trigger=trigger,
         )
-
-    def _sampler(self, job: Job) -> llama_cpp.llama_sampler_p:
-        return sampler_chain(job.sampling, self.n_vocab)
 
     def _fill(self, rows: list[Row]) -> None:
         batch = self.batch
@@ -484,7 +467,7 @@ class Batcher:
             pending = [slot.tokens.pop()]
         llama_cpp.llama_memory_seq_rm(self.memory, slot.seq, len(slot.tokens), -1)
         llama_cpp.llama_sampler_free(active.sampler)
-        active.sampler = self._sampler(active.job)  # its history held the tokens cut back
+        active.sampler = sampler_chain(active.job.sampling, self.n_vocab)  # its history held the cut tokens
         active.trigger = None
         active.pending = pending
         active.next_token = None

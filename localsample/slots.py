@@ -116,6 +116,25 @@ class ContextSettings:
             adaptive_threads=load.get("adaptive_threads", True),
         )
 
+    def context_params(self, n_batch: int, slots: int) -> llama_cpp.llama_context_params:
+        """llama.cpp's parameters of the batcher's context: ``slots`` sequences in one unified
+        KV cache, batches of ``n_batch`` tokens."""
+        params: llama_cpp.llama_context_params = llama_cpp.llama_context_default_params()
+        params.n_ctx = self.n_ctx
+        params.n_batch = n_batch
+        params.n_ubatch = self.n_ubatch
+        params.n_seq_max = slots
+        params.n_threads = self.n_threads
+        params.n_threads_batch = self.n_threads_batch
+        params.kv_unified = True
+        params.offload_kqv = self.offload_kqv
+        if self.type_k is not None:
+            params.type_k = self.type_k
+        if self.type_v is not None:
+            params.type_v = self.type_v
+        params.flash_attn_type = self.flash_attn_type
+        return params
+
     @property
     def flash_attn_type(self) -> int:
         if self.flash_attn is None:
