@@ -13,7 +13,7 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
 fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # A portable llama.cpp build (AVX2, no -march=native) with its multimodal library (mtmd:
-# images and audio; ~1 minute more of the ~10-minute build). Set CMAKE_ARGS yourself for a
+# images and audio; about a minute of the ~11-minute build). Set CMAKE_ARGS yourself for a
 # GPU build, e.g. CMAKE_ARGS="-DGGML_CUDA=on", or add -DLLAVA_BUILD=OFF for text only.
 export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}"
 stamp=.venv/.localsample-installed
@@ -32,7 +32,7 @@ install() {
     if .venv/bin/python -c 'import llama_cpp' 2>/dev/null; then
         .venv/bin/python -m pip install --quiet --progress-bar off -e ".[test]"
     else
-        echo "setup: installing llama-cpp-python (compiles llama.cpp: ~10 minutes on 2 cores, once)" >&2
+        echo "setup: installing llama-cpp-python (compiles llama.cpp: ~11 minutes on 2 cores, once)" >&2
         # pip's own progress: downloads, then the wheel build with its elapsed time.
         .venv/bin/python -m pip install -e ".[test]" 2>&1 |
             { grep --line-buffered -v -e '^Requirement already satisfied' -e '^WARNING: Location' >&2 || true; }
