@@ -13,7 +13,7 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
 fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # A portable llama.cpp build (AVX2, no -march=native) with its multimodal library (mtmd:
-# images and audio; about a minute of the ~11-minute build). Set CMAKE_ARGS yourself for a
+# images and audio; the whole build with it measured 11 minutes on 2 cores). Set CMAKE_ARGS yourself for a
 # GPU build, e.g. CMAKE_ARGS="-DGGML_CUDA=on", or add -DLLAVA_BUILD=OFF for text only.
 export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}"
 stamp=.venv/.localsample-installed
