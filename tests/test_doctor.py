@@ -94,3 +94,23 @@ def test_a_truncated_gguf_is_an_error_not_ok(isolated: Path) -> None:
     [found] = [check for check in errors(diagnose()) if check.what.startswith("cut:")]
     assert "damaged GGUF" in found.what and f"need {len(whole)} bytes, the file has 50000000" in found.what
     assert found.fix is not None and "download" in found.fix
+
+
+def test_the_multimodal_library_and_each_projector_are_checked(isolated: Path) -> None:
+    from .mmproj_fixture import write_projector
+
+    projector = write_projector(isolated / "mmproj-v.gguf")
+    smol = "source = 'SmolLM2-135M-Instruct.Q4_1.gguf'\n"
+    (isolated / "models.toml").write_text(
+        f"[[models]]\nid = 'eyes'\n{smol}mmproj = '{projector}'\ncapabilities = ['chat', 'vision']\n"
+        f"[[models]]\nid = 'ears'\n{smol}mmproj = '{projector}'\ncapabilities = ['chat', 'audio']\n"
+        f"[[models]]\nid = 'blind'\n{smol}capabilities = ['chat', 'vision']\n"
+    )
+    checks = {check.what: check for check in diagnose()}
+    assert (
+        checks["vision and audio: multimodal library present (models with an mmproj read images/audio)"].level
+        is Level.OK
+    )
+    assert checks["eyes: projector mmproj-v.gguf reads vision"].level is Level.OK
+    assert checks["ears: capability audio, but its projector reads only vision"].level is Level.ERROR
+    assert checks["blind: vision capability but no mmproj"].fix == "set mmproj in its entry"
