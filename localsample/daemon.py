@@ -58,10 +58,11 @@ log = logging.getLogger(__name__)
 __all__ = ["Daemon", "Listen"]
 
 GRACEFUL_SHUTDOWN_S = 1
-DRAIN_S = 5.0
-"""How long a stopping daemon waits for cancelled answers to send their closing events
-(they take milliseconds; a loaded machine took over a second once)."""
 """Seconds the listeners wait for open connections once requests in flight are cancelled."""
+DRAIN_S = 10.0
+"""How long a stopping daemon waits for cancelled answers to send their closing events
+(they take milliseconds; a loaded machine took over a second once, and a decode step of
+an engine whose threads lost their cores can take seconds before it sees the cancel)."""
 REAP_INTERVAL = 5.0
 """Seconds between checks for idle models whose keep-alive has run out."""
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
