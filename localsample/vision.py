@@ -22,7 +22,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
-import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -134,7 +133,6 @@ class Projector:
         self.cache: OrderedDict[str, np.ndarray[Any, np.dtype[np.float32]]] = OrderedDict()
         self.cache_bytes = 0
         self.stats = Stats()
-        self.lock = threading.Lock()
         log.info(
             "loaded projector %s for %s in %.2fs (%s)",
             path.name,
@@ -241,14 +239,14 @@ class Projector:
         return bitmap
 
     def embeddings(self, span: MediaSpan) -> np.ndarray[Any, np.dtype[np.float32]]:
-        """The chunk's embeddings: from the cache, or encoded now (and cached)."""
+        """The chunk's embeddings: from the cache, or encoded now (and cached). Like every
+        method here, it runs on the engine's thread only: the cache needs no lock."""
         key, size = span.key, span.tokens * self.n_embd
-        with self.lock:
-            found = self.cache.get(key)
-            if found is not None and found.size == size:
-                self.cache.move_to_end(key)
-                self.stats.reused += 1
-                return found
+        found = self.cache.get(key)
+        if found is not None and found.size == size:
+            self.cache.move_to_end(key)
+            self.stats.reused += 1
+            return found
         started = time.perf_counter()
         if self.mtmd.mtmd_encode_chunk(self.ctx, span.chunk) != 0:
             raise EngineError(
@@ -257,16 +255,15 @@ class Projector:
             )
         output = self.mtmd.mtmd_get_output_embd(self.ctx)
         embd = np.ctypeslib.as_array(output, shape=(size,)).copy()
-        with self.lock:
-            self.stats.encoded += 1
-            self.stats.encode_seconds += time.perf_counter() - started
-            replaced = self.cache.pop(key, None)
-            self.cache_bytes -= replaced.nbytes if replaced is not None else 0
-            self.cache[key] = embd
-            self.cache_bytes += embd.nbytes
-            while self.cache_bytes > EMBEDDING_CACHE_BYTES and len(self.cache) > 1:
-                _, dropped = self.cache.popitem(last=False)
-                self.cache_bytes -= dropped.nbytes
+        self.stats.encoded += 1
+        self.stats.encode_seconds += time.perf_counter() - started
+        replaced = self.cache.pop(key, None)
+        self.cache_bytes -= replaced.nbytes if replaced is not None else 0
+        self.cache[key] = embd
+        self.cache_bytes += embd.nbytes
+        while self.cache_bytes > EMBEDDING_CACHE_BYTES and len(self.cache) > 1:
+            _, dropped = self.cache.popitem(last=False)
+            self.cache_bytes -= dropped.nbytes
         return embd
 
     def decode(self, span: MediaSpan, ctx: llama_cpp.llama_context_p, seq: int, n_past: int, n_batch: int) -> None:
