@@ -13,7 +13,9 @@ One daemon per state directory: it holds an exclusive lock on ``daemon.lock`` (w
 its pid) for its whole life, so a second one fails at once, naming the first, and a socket
 file left by one that crashed is replaced. SIGTERM, SIGINT and the stop request end it the
 same way: new requests get 503, those in flight are cancelled (and audited so), the
-listeners close, the socket file is removed and the models are unloaded. Like `serve`, it
+listeners close, the socket file is removed and the models are unloaded. A second signal
+during that stop cuts short the wait for answers to send their end (``DRAIN_S``); the
+signals stay handled until the daemon has exited, so no signal kills it half-stopped. Like `serve`, it
 preloads the default model, unloads idle ones after their keep-alive, and publishes what
 it has loaded for `localsample ps`.
 """
@@ -27,6 +29,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,23 +146,28 @@ class Daemon:
         self.listening: anyio.Event | None = None
         self.starting = 0  # listeners not bound yet
         self.stopped_by = ""
+        self.hurry = False  # a second stop signal: do not wait for answers to send their end
+        self.draining: anyio.CancelScope | None = None
 
     async def run(self) -> None:
         """Serve until SIGTERM, SIGINT or a stop request; DaemonError if one runs already."""
         lock = DaemonLock(run_dir(self.runtime.settings) / LOCK_NAME)
-        try:
-            lock.acquire(self.socket)
-            sock = bind_socket(self.socket)
+        # Handled from here to the end: a signal during the stop must not kill the daemon
+        # before it has removed its socket and unloaded its models.
+        with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
             try:
-                await self.serve(sock)
+                lock.acquire(self.socket)
+                sock = bind_socket(self.socket)
+                try:
+                    await self.serve(sock, signals)
+                finally:
+                    self.socket.unlink(missing_ok=True)
+                    log.info("stopped (%s)", self.stopped_by or "an error")
             finally:
-                self.socket.unlink(missing_ok=True)
-                log.info("stopped (%s)", self.stopped_by or "an error")
-        finally:
-            self.runtime.close()
-            lock.release()
+                self.runtime.close()
+                lock.release()
 
-    async def serve(self, sock: socket.socket) -> None:
+    async def serve(self, sock: socket.socket, signals: AsyncIterator[signal.Signals]) -> None:
         self.stop_requested, self.listening = anyio.Event(), anyio.Event()
         self.starting = 1 if self.listen is None else 2
         self.runtime.publishing = self.runtime.status_served = True
@@ -171,7 +179,7 @@ class Daemon:
             ]
         )
         async with anyio.create_task_group() as group:
-            group.start_soon(self.stop_on_signal)
+            group.start_soon(self.stop_on_signal, signals)
             group.start_soon(self.keep_models)
             group.start_soon(
                 functools.partial(
@@ -182,8 +190,9 @@ class Daemon:
                 group.start_soon(self.serve_tcp, self.listen)
             await self.stop_requested.wait()
             self.api.stop()
-            with anyio.move_on_after(DRAIN_S):  # let cancelled answers send their end
-                await self.api.drained()
+            if not self.hurry:
+                with anyio.move_on_after(DRAIN_S) as self.draining:  # let cancelled answers send their end
+                    await self.api.drained()
             group.cancel_scope.cancel()
 
     async def serve_tcp(self, listen: Listen) -> None:
@@ -222,11 +231,20 @@ class Daemon:
             log.info("%s: cancelling requests in flight and stopping", why)
             self.stop_requested.set()
 
-    async def stop_on_signal(self) -> None:
-        with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
-            async for received in signals:
+    async def stop_on_signal(self, signals: AsyncIterator[signal.Signals]) -> None:
+        """The first signal stops the daemon; another, while it stops, stops it sooner."""
+        async for received in signals:
+            if self.stop_requested is not None and self.stop_requested.is_set():
+                self.hurry_stop(f"{received.name} received again")
+            else:
                 self.request_stop(f"{received.name} received")
-                return
+
+    def hurry_stop(self, why: str) -> None:
+        if not self.hurry:
+            log.info("%s: stopping now, without waiting for answers in flight to send their end", why)
+        self.hurry = True
+        if self.draining is not None:
+            self.draining.cancel()
 
     async def keep_models(self) -> None:
         """Preload the preload models, then unload idle ones when their keep-alive ends.

@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import stat
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -173,11 +175,12 @@ def test_sigterm_mid_generation_cancels_it_and_exits_cleanly(model_dir: Path) ->
         events: list[str] = []
         with running.over_socket() as http, http.stream("POST", "/v1/chat/completions", json=body) as response:
             for line in response.iter_lines():
-                if line:
-                    events.append(line)
-                if len(events) == 3:
+                if not line:  # the blank line after each event
+                    continue
+                events.append(line)
+                if len(events) == 3:  # once: a second signal would stop it sooner
                     running.process.send_signal(signal.SIGTERM)
-        assert running.process.wait(timeout=20) == 0
+        assert running.process.wait(timeout=20) == 0, running.stderr
         assert '"code":"server_busy"' in events[-2] and events[-1] == "data: [DONE]"
         assert not running.socket.exists()
         assert running.audit()[-1]["decision"] == "cancelled"
@@ -185,3 +188,37 @@ def test_sigterm_mid_generation_cancels_it_and_exits_cleanly(model_dir: Path) ->
     finally:
         end(running)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_second_sigterm_during_the_stop_ends_the_wait_not_the_process(model_dir: Path) -> None:
+    """A request whose body is still arriving holds the stop for the whole drain (DRAIN_S);
+    a second SIGTERM then cuts the wait short, and the daemon still cleans up and exits 0
+    (before, the first signal's handler was gone and the second killed it)."""
+    root = Path(tempfile.mkdtemp(prefix="lsd-"))
+    running = start_daemon(root, listen=False)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as half_sent:
+            half_sent.connect(str(running.socket))
+            half_sent.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: localsample\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"
+            )
+            time.sleep(0.5)  # let the daemon read the headers: the request is open
+            running.process.send_signal(signal.SIGTERM)
+            wait_for(lambda: "SIGTERM received: cancelling" in running.stderr, running)
+            running.process.send_signal(signal.SIGTERM)
+            assert running.process.wait(timeout=20) == 0, running.stderr
+        assert "SIGTERM received again: stopping now" in running.stderr
+        assert "stopped (SIGTERM received)" in running.stderr
+        assert not running.socket.exists()
+    finally:
+        end(running)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def wait_for(condition: Callable[[], bool], running: Running, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert running.process.poll() is None, running.stderr
+        assert time.monotonic() < deadline, running.stderr
+        time.sleep(0.02)
