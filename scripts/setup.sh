@@ -13,7 +13,7 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
 fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # A portable llama.cpp build (AVX2, no -march=native) with its multimodal library (mtmd:
-# images and audio; the whole build with it measured 11 minutes on 2 cores). Set CMAKE_ARGS yourself for a
+# images and audio; the whole build with it measured 4 to 11 minutes on 2 cores). Set CMAKE_ARGS yourself for a
 # GPU build, e.g. CMAKE_ARGS="-DGGML_CUDA=on", or add -DLLAVA_BUILD=OFF for text only.
 export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}"
 stamp=.venv/.localsample-installed
@@ -24,7 +24,7 @@ install() {
         ! .venv/bin/python -c 'import llama_cpp.mtmd_cpp' 2>/dev/null; then
         # Built without the multimodal library (an older setup): build it again, with it. pip's
         # wheel cache does not know CMAKE_ARGS, so it is bypassed for this one package.
-        echo "setup: rebuilding llama-cpp-python with its multimodal library (~11 minutes on 2 cores, once)" >&2
+        echo "setup: rebuilding llama-cpp-python with its multimodal library (4 to 11 minutes on 2 cores, once)" >&2
         .venv/bin/python -m pip uninstall --quiet --yes llama-cpp-python
         .venv/bin/python -m pip install --no-cache-dir --no-deps "llama-cpp-python>=0.3.36" 2>&1 |
             { grep --line-buffered -v -e '^Requirement already satisfied' -e '^WARNING: Location' >&2 || true; }
@@ -32,7 +32,7 @@ install() {
     if .venv/bin/python -c 'import llama_cpp' 2>/dev/null; then
         .venv/bin/python -m pip install --quiet --progress-bar off -e ".[test]"
     else
-        echo "setup: installing llama-cpp-python (compiles llama.cpp: ~11 minutes on 2 cores, once)" >&2
+        echo "setup: installing llama-cpp-python (compiles llama.cpp: 4 to 11 minutes on 2 cores, once)" >&2
         # pip's own progress: downloads, then the wheel build with its elapsed time.
         .venv/bin/python -m pip install -e ".[test]" 2>&1 |
             { grep --line-buffered -v -e '^Requirement already satisfied' -e '^WARNING: Location' >&2 || true; }
