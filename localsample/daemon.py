@@ -15,8 +15,8 @@ file left by one that crashed is replaced. SIGTERM, SIGINT and the stop request 
 same way: new requests get 503, those in flight are cancelled (and audited so), the
 listeners close, the socket file is removed and the models are unloaded. A second signal
 during that stop cuts short the wait for answers to send their end (``DRAIN_S``); the
-signals stay handled until the daemon has exited, so no signal kills it half-stopped. Like `serve`, it
-preloads the default model, unloads idle ones after their keep-alive, and publishes what
+signals stay handled until the daemon has exited, so none kills it half-stopped. Like
+`serve`, it preloads the default model, unloads idle ones after their keep-alive, and publishes what
 it has loaded for `localsample ps`.
 """
 
@@ -62,10 +62,10 @@ __all__ = ["Daemon", "Listen"]
 
 GRACEFUL_SHUTDOWN_S = 1
 """Seconds the listeners wait for open connections once requests in flight are cancelled."""
-DRAIN_S = 10.0
+DRAIN_S = 5.0
 """How long a stopping daemon waits for cancelled answers to send their closing events
-(they take milliseconds; a loaded machine took over a second once, and a decode step of
-an engine whose threads lost their cores can take seconds before it sees the cancel)."""
+(they take milliseconds; a loaded machine took over a second once). A request whose body
+is still arriving holds the wait to its end; a second signal cuts it short."""
 REAP_INTERVAL = 5.0
 """Seconds between checks for idle models whose keep-alive has run out."""
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -146,8 +146,7 @@ class Daemon:
         self.listening: anyio.Event | None = None
         self.starting = 0  # listeners not bound yet
         self.stopped_by = ""
-        self.hurry = False  # a second stop signal: do not wait for answers to send their end
-        self.draining: anyio.CancelScope | None = None
+        self.draining: anyio.CancelScope | None = None  # the wait for answers to send their end
 
     async def run(self) -> None:
         """Serve until SIGTERM, SIGINT or a stop request; DaemonError if one runs already."""
@@ -169,6 +168,7 @@ class Daemon:
 
     async def serve(self, sock: socket.socket, signals: AsyncIterator[signal.Signals]) -> None:
         self.stop_requested, self.listening = anyio.Event(), anyio.Event()
+        self.draining = anyio.CancelScope()
         self.starting = 1 if self.listen is None else 2
         self.runtime.publishing = self.runtime.status_served = True
         local = self.api.app(
@@ -190,9 +190,9 @@ class Daemon:
                 group.start_soon(self.serve_tcp, self.listen)
             await self.stop_requested.wait()
             self.api.stop()
-            if not self.hurry:
-                with anyio.move_on_after(DRAIN_S) as self.draining:  # let cancelled answers send their end
-                    await self.api.drained()
+            self.draining.deadline = anyio.current_time() + DRAIN_S
+            with self.draining:  # let cancelled answers send their end
+                await self.api.drained()
             group.cancel_scope.cancel()
 
     async def serve_tcp(self, listen: Listen) -> None:
@@ -240,10 +240,8 @@ class Daemon:
                 self.request_stop(f"{received.name} received")
 
     def hurry_stop(self, why: str) -> None:
-        if not self.hurry:
+        if self.draining is not None and not self.draining.cancel_called:
             log.info("%s: stopping now, without waiting for answers in flight to send their end", why)
-        self.hurry = True
-        if self.draining is not None:
             self.draining.cancel()
 
     async def keep_models(self) -> None:
